@@ -1,0 +1,46 @@
+"""The one call shape every engine implements: named numpy arrays in, a dict of named numpy arrays out."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Protocol
+
+import numpy as np
+
+from sdrt.bundle import Component
+from sdrt.contracts import Contract
+
+
+class Session(Protocol):
+    """One component of a bundle, loaded on one engine: load -> prepare (fix shapes, compile) -> run -> close."""
+
+    contract: Contract
+
+    def prepare(self, dims: Mapping[str, int]) -> None:
+        """Fix the dynamic axes to `dims` and compile; engines with dynamic shapes may do nothing."""
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run once; feeds and outputs are named as in the contract (inputs are checked at the boundary, not here)."""
+
+    def close(self) -> None:
+        """Release the engine's resources."""
+
+
+class Backend(Protocol):
+    """An engine: knows which component formats it runs and opens sessions on them."""
+
+    name: str
+    formats: tuple[str, ...]
+
+    def load(self, bundle: Path, component: Component) -> Session:
+        """Open `component` (its file relative to `bundle`) as a session."""
+
+
+def check_names(contract: Contract, inputs: list[str], outputs: list[str], engine: str) -> None:
+    """Fail at load time, with both lists, when an engine's graph does not carry the contract's tensor names."""
+    from sdrt.errors import BackendError
+
+    if sorted(inputs) != sorted(contract.input_names) or not set(contract.output_names) <= set(outputs):
+        raise BackendError(
+            f"{contract.component}: the {engine} graph has inputs {sorted(inputs)} and outputs {sorted(outputs)}, "
+            f"expected inputs {sorted(contract.input_names)} and outputs {contract.output_names}"
+        )

@@ -1,0 +1,215 @@
+"""The bundle: one folder with manifest.json and the files it lists, written atomically and verified by sha256."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from sdrt.contracts import Contract
+from sdrt.errors import BundleError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "sdrt-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_HASH_CHUNK = 1 << 22
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the runtime must know about the model family to drive the loop."""
+
+    family: str  # "sd1" | "sd2"
+    prediction_type: str  # "epsilon" | "v_prediction"
+    latent_scale_factor: float  # latents fed to the UNet = VAE latents * this
+    latent_channels: int = 4
+    vae_scale_factor: int = 8  # pixels per latent
+    default_size: int = 512
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class ShapeRange:
+    """Image sizes the exported graphs accept: multiples of `multiple_of` in [min_size, max_size]."""
+
+    min_size: int = 64
+    max_size: int = 2048
+    multiple_of: int = 8
+    max_batch: int = 16
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    """The CLIP tokenizer files (vocab.json + merges.txt) and how prompts are padded."""
+
+    vocab: str = "tokenizer/vocab.json"
+    merges: str = "tokenizer/merges.txt"
+    max_length: int = 77
+    pad_token: str = "<|endoftext|>"
+
+
+@dataclass(frozen=True)
+class Component:
+    """One exported graph: its file, engine format, precision, contract and measured parity."""
+
+    name: str
+    file: str
+    contract: Contract
+    format: str = "onnx"
+    precision: str = "fp32"
+    validation: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "file": self.file,
+            "format": self.format,
+            "precision": self.precision,
+            "contract": self.contract.to_dict(),
+            "validation": self.validation,
+        }
+
+    @classmethod
+    def from_dict(cls, name: str, d: dict) -> Component:
+        return cls(
+            name,
+            d["file"],
+            Contract.from_dict(name, d["contract"]),
+            d.get("format", "onnx"),
+            d.get("precision", "fp32"),
+            d.get("validation", {}),
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything a runtime needs to know about a bundle, serialised as manifest.json."""
+
+    model: ModelInfo
+    components: dict[str, Component]
+    scheduler: dict
+    tokenizer: TokenizerInfo = TokenizerInfo()
+    shapes: ShapeRange = ShapeRange()
+    source: dict = field(default_factory=dict)
+    tools: dict = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)  # relative path -> sha256
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT,
+            "format_version": self.format_version,
+            "model": asdict(self.model),
+            "components": {k: c.to_dict() for k, c in self.components.items()},
+            "scheduler": self.scheduler,
+            "tokenizer": asdict(self.tokenizer),
+            "shapes": asdict(self.shapes),
+            "source": self.source,
+            "tools": self.tools,
+            "files": self.files,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Manifest:
+        if d.get("format") != FORMAT:
+            raise BundleError(f"not an sdrt bundle manifest (format={d.get('format')!r})")
+        version = d.get("format_version")
+        if version != FORMAT_VERSION:
+            raise BundleError(f"bundle format version {version} is not supported (this sdrt reads {FORMAT_VERSION})")
+        try:
+            return cls(
+                model=ModelInfo(**d["model"]),
+                components={k: Component.from_dict(k, c) for k, c in d["components"].items()},
+                scheduler=d["scheduler"],
+                tokenizer=TokenizerInfo(**d.get("tokenizer", {})),
+                shapes=ShapeRange(**d.get("shapes", {})),
+                source=d.get("source", {}),
+                tools=d.get("tools", {}),
+                files=d.get("files", {}),
+                format_version=version,
+            )
+        except (KeyError, TypeError) as e:
+            raise BundleError(f"manifest.json is malformed: {e}") from None
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _bundle_files(root: Path) -> Iterator[Path]:
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            yield path
+
+
+def read_manifest(bundle: Path | str) -> Manifest:
+    """Parse a bundle's manifest.json, with a clear error when it is missing or malformed."""
+    path = Path(bundle) / MANIFEST
+    if not Path(bundle).is_dir():
+        raise BundleError(f"bundle not found: {bundle} is not a folder")
+    if not path.is_file():
+        raise BundleError(f"{bundle} has no {MANIFEST}: not an sdrt bundle, or an interrupted export")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path} is not valid JSON: {e}") from None
+    return Manifest.from_dict(data)
+
+
+def verify_files(bundle: Path | str, manifest: Manifest) -> None:
+    """Check that every listed file exists with its recorded sha256, and that no listed component is unlisted."""
+    root = Path(bundle)
+    for comp in manifest.components.values():
+        if comp.file not in manifest.files:
+            raise BundleError(f"component {comp.name}'s file {comp.file} has no checksum in the manifest")
+    for rel, digest in manifest.files.items():
+        path = root / rel
+        if not path.is_file():
+            raise BundleError(f"bundle {root} is missing {rel}")
+        if sha256_file(path) != digest:
+            raise BundleError(f"checksum mismatch for {rel} in {root}: the file was modified or corrupted")
+
+
+class BundleWriter:
+    """Stage a bundle in a hidden sibling folder; `commit` hashes, writes the manifest and renames into place."""
+
+    def __init__(self, out: Path | str, overwrite: bool = False):
+        self.out = Path(out).absolute()
+        if self.out.exists() and not overwrite:
+            raise BundleError(f"{self.out} already exists (pass overwrite to replace it)")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+
+    def __enter__(self) -> BundleWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self.path.exists():  # not committed: leave nothing that looks like a bundle
+            shutil.rmtree(self.path, ignore_errors=True)
+
+    def commit(self, manifest: Manifest) -> Manifest:
+        """Record the sha256 of every staged file, write manifest.json, and move the folder into place."""
+        files = {p.relative_to(self.path).as_posix(): sha256_file(p) for p in _bundle_files(self.path)}
+        final = Manifest(**{**manifest.__dict__, "files": files})
+        (self.path / MANIFEST).write_text(json.dumps(final.to_dict(), indent=2) + "\n")
+        os.chmod(self.path, 0o755)  # mkdtemp creates 0700
+        if self.out.exists():
+            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
+            self.out.rename(old)
+            self.path.rename(self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            self.path.rename(self.out)
+        log.info("bundle written to %s (%d files)", self.out, len(files))
+        return final

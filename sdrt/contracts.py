@@ -1,0 +1,150 @@
+"""I/O contracts of the exported components, stated once as data for export, bundles and backends."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+from sdrt.errors import ContractError
+
+# A dimension is a fixed size (int) or the name of a dynamic axis (str) bound at run time.
+Dim = int | str
+
+# Names of the dynamic axes, shared by export (ONNX dynamic axes) and backends (static reshapes).
+BATCH, SEQUENCE = "batch", "sequence"
+HEIGHT, WIDTH = "height", "width"
+LATENT_HEIGHT, LATENT_WIDTH = "latent_height", "latent_width"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named tensor: dtype (a numpy name) and shape (ints and named dynamic axes)."""
+
+    name: str
+    dtype: str
+    shape: tuple[Dim, ...]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> TensorSpec:
+        return cls(d["name"], d["dtype"], tuple(d["shape"]))
+
+    def bind(self, array: np.ndarray, dims: dict[str, int], component: str) -> None:
+        """Check `array` against this spec, binding named axes into `dims` (consistent across tensors)."""
+        where = f"{component}.{self.name}"
+        if array.dtype != np.dtype(self.dtype):
+            raise ContractError(f"{where}: expected dtype {self.dtype}, got {array.dtype}")
+        if array.ndim != len(self.shape):
+            raise ContractError(f"{where}: expected shape {self.shape}, got {array.shape}")
+        for axis, (want, got) in enumerate(zip(self.shape, array.shape)):
+            if isinstance(want, str):
+                want = dims.setdefault(want, got)
+            if want != got:
+                raise ContractError(f"{where}: expected {want} on axis {axis} of {self.shape}, got {array.shape}")
+
+    def concrete_shape(self, dims: Mapping[str, int]) -> tuple[int, ...]:
+        """The shape with every named axis replaced by its size in `dims`."""
+        return tuple(d if isinstance(d, int) else dims[d] for d in self.shape)
+
+
+@dataclass(frozen=True)
+class Contract:
+    """The signature of one exported component: its named inputs and outputs."""
+
+    component: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    notes: str = field(default="", compare=False)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """Named axes per tensor, in the form torch.onnx.export's `dynamic_axes` takes."""
+        return {
+            t.name: {i: d for i, d in enumerate(t.shape) if isinstance(d, str)}
+            for t in (*self.inputs, *self.outputs)
+        }
+
+    def check_inputs(self, feeds: Mapping[str, np.ndarray]) -> dict[str, int]:
+        """Validate a feed dict (names, dtypes, shapes); returns the bound dynamic axes."""
+        missing = set(self.input_names) - set(feeds)
+        extra = set(feeds) - set(self.input_names)
+        if missing or extra:
+            raise ContractError(
+                f"{self.component}: expected inputs {sorted(self.input_names)}, got {sorted(feeds)}"
+            )
+        dims: dict[str, int] = {}
+        for spec in self.inputs:
+            spec.bind(np.asarray(feeds[spec.name]), dims, self.component)
+        return dims
+
+    def to_dict(self) -> dict:
+        return {
+            "inputs": [t.to_dict() for t in self.inputs],
+            "outputs": [t.to_dict() for t in self.outputs],
+            "notes": self.notes,
+        }
+
+    @classmethod
+    def from_dict(cls, component: str, d: Mapping) -> Contract:
+        return cls(
+            component,
+            tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
+            tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
+            d.get("notes", ""),
+        )
+
+
+def text_encoder_contract(hidden_size: int, max_length: int = 77) -> Contract:
+    """CLIP text encoder: token ids -> per-token embeddings (SD2 bundles export the penultimate layer)."""
+    return Contract(
+        "text_encoder",
+        (TensorSpec("input_ids", "int32", (BATCH, max_length)),),
+        (TensorSpec("last_hidden_state", "float32", (BATCH, max_length, hidden_size)),),
+        "input_ids are int32 as in diffusers' ONNX and TensorRT exports",
+    )
+
+
+def unet_contract(in_channels: int, out_channels: int, cross_attention_dim: int) -> Contract:
+    """Conditional UNet: one denoising evaluation; `sequence` is dynamic for prompts longer than 77 tokens."""
+    return Contract(
+        "unet",
+        (
+            TensorSpec("sample", "float32", (BATCH, in_channels, LATENT_HEIGHT, LATENT_WIDTH)),
+            TensorSpec("timestep", "float32", (BATCH,)),
+            TensorSpec("encoder_hidden_states", "float32", (BATCH, SEQUENCE, cross_attention_dim)),
+        ),
+        (TensorSpec("model_output", "float32", (BATCH, out_channels, LATENT_HEIGHT, LATENT_WIDTH)),),
+        "timestep is float32 per batch item: k-diffusion samplers evaluate at fractional timesteps",
+    )
+
+
+def vae_decoder_contract(latent_channels: int) -> Contract:
+    """VAE decoder: unscaled latents (already divided by the scale factor) -> image in [-1, 1]."""
+    return Contract(
+        "vae_decoder",
+        (TensorSpec("latents", "float32", (BATCH, latent_channels, LATENT_HEIGHT, LATENT_WIDTH)),),
+        (TensorSpec("image", "float32", (BATCH, 3, HEIGHT, WIDTH)),),
+    )
+
+
+def vae_encoder_contract(latent_channels: int) -> Contract:
+    """VAE encoder: image in [-1, 1] -> mean and std of the latent distribution (unscaled)."""
+    return Contract(
+        "vae_encoder",
+        (TensorSpec("image", "float32", (BATCH, 3, HEIGHT, WIDTH)),),
+        (
+            TensorSpec("latent_mean", "float32", (BATCH, latent_channels, LATENT_HEIGHT, LATENT_WIDTH)),
+            TensorSpec("latent_std", "float32", (BATCH, latent_channels, LATENT_HEIGHT, LATENT_WIDTH)),
+        ),
+        "sampling (mean + std * noise) happens in the runtime so its noise comes from the seeded generator",
+    )
