@@ -1,0 +1,172 @@
+"""The `sdrt` command: export, generate, info. The only module that prints, configures logging or exits."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from sdrt import __version__
+from sdrt.errors import SdrtError
+
+EXIT_USAGE = 2  # bad input: argparse's own convention, reused for every SdrtError
+
+
+def _add_generate(sub) -> None:
+    from sdrt.runtime.samplers import SAMPLERS
+
+    p = sub.add_parser("generate", help="generate images from a prompt (no torch needed)")
+    p.add_argument("prompt")
+    p.add_argument("-b", "--bundle", type=Path, help="bundle folder (default: the model shipped with sdrt)")
+    p.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="PNG; a batch writes NAME-0.png...")
+    p.add_argument("-n", "--negative-prompt", default="")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--cfg-scale", "--guidance-scale", dest="guidance_scale", type=float, default=7.5)
+    p.add_argument(
+        "--sampler",
+        help=f"one of: {', '.join(s.label for s in SAMPLERS.values())} (default: the bundle's scheduler)",
+    )
+    p.add_argument("--seed", type=int, help="default: random; image i of a batch uses seed + i")
+    p.add_argument("-W", "--width", type=int, help="multiple of 8 (default: the model's size)")
+    p.add_argument("-H", "--height", type=int, help="multiple of 8 (default: the model's size)")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--eta", type=float, help="noise of DDIM (default 0) and ancestral samplers (default 1)")
+    p.add_argument("--backend", help="engine (default: the first installed)")
+    p.add_argument("--device", help="engine device, e.g. cpu (default) or cuda")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=_generate)
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a checkpoint to a validated bundle (needs sdrt[export])")
+    p.add_argument("source", type=Path, help="diffusers folder, or a .safetensors / .ckpt single file")
+    p.add_argument("-o", "--output", type=Path, required=True, help="bundle folder to create")
+    p.add_argument("--original-config", type=Path, help="LDM yaml for a single file (default: SD v1 inference)")
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="override the detected one")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --output")
+    p.set_defaults(run=_export)
+
+
+def _add_info(sub) -> None:
+    p = sub.add_parser("info", help="describe a bundle and verify its checksums")
+    p.add_argument("bundle", type=Path, nargs="?", help="bundle folder (default: the shipped model)")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check")
+    p.set_defaults(run=_info)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sdrt", description="Stable Diffusion, exported and run anywhere.")
+    parser.add_argument("--version", action="version", version=f"sdrt {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    _add_export(sub)
+    _add_info(sub)
+    return parser
+
+
+def _output_paths(output: Path, n: int) -> list[Path]:
+    return [output] if n == 1 else [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(n)]
+
+
+def _generate(args) -> int:
+    from tqdm import tqdm
+
+    from sdrt.runtime.image import check_writable, save_png
+    from sdrt.runtime.pipeline import Pipeline
+    from sdrt.runtime.request import GenerationRequest
+    from sdrt.runtime.samplers import sampler_label
+
+    paths = _output_paths(args.output, max(args.batch_size, 1))
+    for path in paths:
+        check_writable(path)
+    options = {"device": args.device} if args.device else {}
+    with Pipeline.load(args.bundle, backend=args.backend, **options) as pipe:
+        req = GenerationRequest(
+            prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
+            steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler, seed=args.seed,
+            batch_size=args.batch_size, eta=args.eta,
+        ).resolve(pipe.manifest)
+        last = None
+        steps = tqdm(pipe.denoise(req), total=req.steps, unit="step", disable=args.quiet, desc=sampler_label(req.sampler))
+        for last in steps:
+            pass
+        images = pipe.decode(last.vp_latents())
+        for i, (image, path) in enumerate(zip(images, paths)):
+            save_png(image, path, pipe.parameters(req, req.seed + i))
+            print(f"{path} (seed {req.seed + i})")
+    return 0
+
+
+def _export(args) -> int:
+    try:
+        from sdrt.export import export_bundle
+    except ImportError as e:
+        raise SdrtError(f"export needs the export extra ({e.name} is missing): pip install 'sdrt[export]'") from None
+    manifest = export_bundle(
+        args.source, args.output, original_config=args.original_config,
+        prediction_type=args.prediction_type, opset=args.opset, overwrite=args.overwrite,
+    )
+    print(f"{args.output}: {len(manifest.components)} components, {len(manifest.files)} files")
+    for comp in manifest.components.values():
+        v = comp.validation
+        print(f"  {comp.name}: max abs error {v.get('max_abs_error', float('nan')):.2e} (tolerance {v.get('tolerance')})")
+    return 0
+
+
+def _info(args) -> int:
+    from sdrt.bundle import read_manifest, verify_files
+    from sdrt.runtime.pipeline import default_bundle
+
+    root = args.bundle or default_bundle()
+    manifest = read_manifest(root)
+    print(describe(root, manifest))
+    if args.no_verify:
+        print("checksums: not verified (--no-verify)")
+        return 0
+    verify_files(root, manifest)
+    print(f"checksums: OK ({len(manifest.files)} files)")
+    return 0
+
+
+def describe(root: Path, manifest) -> str:
+    """The manifest in human form."""
+    m, s = manifest.model, manifest.shapes
+    size = sum((Path(root) / f).stat().st_size for f in manifest.files if (Path(root) / f).is_file())
+    lines = [
+        f"bundle     {root} (format {manifest.format_version}, {size / 2**20:.1f} MiB)",
+        f"model      {m.name or '?'}: family {m.family}, prediction {m.prediction_type}, "
+        f"latent scale {m.latent_scale_factor}, default {m.default_size}x{m.default_size}",
+        f"sizes      multiples of {s.multiple_of} from {s.min_size} to {s.max_size}, batch up to {s.max_batch}",
+        f"scheduler  {manifest.scheduler.get('_class_name', '?')}",
+        f"tokenizer  max {manifest.tokenizer.max_length} tokens, pad {manifest.tokenizer.pad_token!r}",
+        f"source     {manifest.source.get('kind', '?')} {manifest.source.get('path', '')} "
+        f"sha256 {manifest.source.get('sha256', '?')[:10]}",
+        "tools      " + ", ".join(f"{k} {v}" for k, v in manifest.tools.items()),
+        "components",
+    ]
+    for c in manifest.components.values():
+        err = c.validation.get("max_abs_error")
+        check = f"max abs error {err:.2e} <= {c.validation.get('tolerance')}" if err is not None else "not validated"
+        lines.append(f"  {c.name:<13} {c.file} ({c.format}, {c.precision}; {check})")
+        for kind, specs in (("in ", c.contract.inputs), ("out", c.contract.outputs)):
+            for t in specs:
+                lines.append(f"      {kind} {t.name}: {t.dtype} {list(t.shape)}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO if args.command == "export" else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.run(args)
+    except SdrtError as e:
+        print(f"sdrt: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("sdrt: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,172 @@
+"""Text-to-image on a bundle: prompt -> embeddings -> denoising loop (a generator of steps) -> decoded images."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+
+from sdrt import __version__
+from sdrt.backends import Backend, Session, get_backend
+from sdrt.bundle import Manifest, read_manifest, verify_files
+from sdrt.errors import BundleError
+from sdrt.runtime.guidance import ClassifierFreeGuidance
+from sdrt.runtime.image import infotext, to_pil
+from sdrt.runtime.noise import PerImageNoise
+from sdrt.runtime.parametrization import c_in, parametrization
+from sdrt.runtime.request import GenerationRequest
+from sdrt.runtime.samplers import make_schedule, sample, sampler_label
+from sdrt.runtime.schedules import SchedulerConfig
+from sdrt.runtime.tokenizer import ClipTokenizer
+
+log = logging.getLogger(__name__)
+
+# Components txt2img needs at load; others (vae_encoder) open on first use.
+TXT2IMG = ("text_encoder", "unet", "vae_decoder")
+
+
+def default_bundle() -> Path:
+    """The small trained model that ships inside the package."""
+    return Path(__file__).resolve().parent.parent / "models" / "sdrt-shapes"
+
+
+@dataclass(frozen=True)
+class Step:
+    """Progress of the loop: `index` steps of `total` are done; `latents` is the sample (k-diffusion VE scale)."""
+
+    index: int
+    total: int
+    sigma: float
+    latents: np.ndarray
+
+    def vp_latents(self) -> np.ndarray:
+        """The sample on the scale the VAE decodes (what diffusers' VP schedulers would hold)."""
+        return self.latents / np.sqrt(self.sigma**2 + 1.0)
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    """One output image with its seed and A1111-style parameters text."""
+
+    image: Image.Image
+    seed: int
+    parameters: str
+
+
+class Pipeline:
+    """A loaded bundle on one backend; `denoise` yields steps, `generate` returns finished images."""
+
+    def __init__(self, root: Path, manifest: Manifest, backend: Backend):
+        self.root, self.manifest, self.backend = root, manifest, backend
+        tok = manifest.tokenizer
+        self.tokenizer = ClipTokenizer.from_files(
+            root / tok.vocab, root / tok.merges, max_length=tok.max_length, pad_token=tok.pad_token
+        )
+        self.scheduler_config = SchedulerConfig.from_dict(manifest.scheduler)
+        self.denoised_from = parametrization(manifest.model.prediction_type)
+        self._sessions: dict[str, Session] = {}
+        for name in TXT2IMG:
+            self.session(name)
+
+    @classmethod
+    def load(cls, bundle: Path | str | None = None, backend: str | None = None, verify: bool = True, **options):
+        """Read and verify a bundle (default: the shipped model) and open its components on a backend."""
+        root = Path(bundle) if bundle is not None else default_bundle()
+        manifest = read_manifest(root)
+        if verify:
+            verify_files(root, manifest)
+        return cls(root, manifest, get_backend(backend, **options))
+
+    def session(self, name: str) -> Session:
+        """The component's session, opened on first use."""
+        if name not in self._sessions:
+            if name not in self.manifest.components:
+                raise BundleError(f"bundle {self.root} has no {name} component")
+            self._sessions[name] = self.backend.load(self.root, self.manifest.components[name])
+        return self._sessions[name]
+
+    def close(self) -> None:
+        for s in self._sessions.values():
+            s.close()
+        self._sessions.clear()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def encode_prompts(self, prompts: list[str]) -> np.ndarray:
+        """Token ids -> text encoder hidden states [len(prompts), 77, dim]."""
+        ids = self.tokenizer(prompts).astype(np.int32)
+        return self.session("text_encoder").run({"input_ids": ids})["last_hidden_state"]
+
+    def _guidance(self, req: GenerationRequest) -> ClassifierFreeGuidance:
+        b = req.batch_size
+        embeddings = self.encode_prompts([req.negative_prompt] * b + [req.prompt] * b)
+        return ClassifierFreeGuidance(cond=embeddings[b:], uncond=embeddings[:b], scale=req.guidance_scale)
+
+    def _model(self, guidance: ClassifierFreeGuidance):
+        """The denoiser D(x, sigma, t) the samplers call: scale input, guided UNet, prediction -> denoised."""
+        unet, context = self.session("unet"), guidance.context()
+
+        def model(x: np.ndarray, sigma: float, t: float) -> np.ndarray:
+            x_in = guidance.batch((x * c_in(sigma)).astype(np.float32))
+            timestep = np.full(len(x_in), t, dtype=np.float32)
+            feeds = {"sample": x_in, "timestep": timestep, "encoder_hidden_states": context}
+            out = unet.run(feeds)["model_output"]
+            return self.denoised_from(x, guidance.combine(out), sigma)
+
+        return model
+
+    def latent_shape(self, req: GenerationRequest) -> tuple[int, int, int, int]:
+        f, m = self.manifest.model.vae_scale_factor, self.manifest.model
+        return (req.batch_size, m.latent_channels, req.height // f, req.width // f)
+
+    def denoise(self, request: GenerationRequest) -> Iterator[Step]:
+        """The denoising loop as a generator: one Step per sampler step; stop iterating to cancel."""
+        req = request.resolve(self.manifest)
+        noise = PerImageNoise(req.seed, req.batch_size)
+        schedule = make_schedule(req.sampler, self.scheduler_config, req.steps)
+        x = noise(self.latent_shape(req)) * schedule.init_noise_sigma
+        model = self._model(self._guidance(req))
+        total = len(schedule.sigmas) - 1
+        for i, x in enumerate(sample(req.sampler, model, x, schedule, noise, eta=req.eta), start=1):
+            yield Step(i, total, float(schedule.sigmas[i]), x)
+
+    def decode(self, latents: np.ndarray) -> list[Image.Image]:
+        """VAE-decode VP-scale latents one image at a time (bounds peak memory at large sizes)."""
+        vae, scale = self.session("vae_decoder"), self.manifest.model.latent_scale_factor
+        scaled = (latents / scale).astype(np.float32)
+        return [img for z in scaled for img in to_pil(vae.run({"latents": z[None]})["image"])]
+
+    def generate(self, request: GenerationRequest | str, **fields) -> list[GeneratedImage]:
+        """Run the whole loop and decode; accepts a request or a prompt plus request fields."""
+        if isinstance(request, str):
+            request = GenerationRequest(prompt=request, **fields)
+        req = request.resolve(self.manifest)
+        last = None
+        for last in self.denoise(req):
+            pass
+        images = self.decode(last.vp_latents())
+        return [GeneratedImage(img, req.seed + i, self.parameters(req, req.seed + i)) for i, img in enumerate(images)]
+
+    def parameters(self, req: GenerationRequest, seed: int) -> str:
+        """A1111 infotext for one image of a resolved request."""
+        source = self.manifest.source
+        fields = {
+            "Steps": req.steps,
+            "Sampler": sampler_label(req.sampler),
+            "CFG scale": f"{req.guidance_scale:g}",
+            "Seed": seed,
+            "Size": f"{req.width}x{req.height}",
+            "Model hash": source.get("sha256", "")[:10],
+            "Model": self.manifest.model.name,
+            "Eta": None if req.eta is None else f"{req.eta:g}",
+            "Backend": self.backend.name,
+            "Version": f"sdrt {__version__}",
+        }
+        return infotext(req.prompt, req.negative_prompt, fields)

@@ -1,0 +1,85 @@
+"""A generation request as one object, validated once against the bundle before any work starts."""
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass, replace
+
+from sdrt.bundle import Manifest
+from sdrt.errors import RequestError
+from sdrt.runtime.samplers import resolve_sampler
+
+MAX_STEPS = 1000
+MAX_SEED = 2**64  # torch.Generator.manual_seed accepts 64-bit seeds
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What to generate; None fields take the bundle's defaults in `resolve`."""
+
+    prompt: str
+    negative_prompt: str = ""
+    width: int | None = None
+    height: int | None = None
+    steps: int = 25
+    guidance_scale: float = 7.5
+    sampler: str | None = None
+    seed: int | None = None
+    batch_size: int = 1
+    eta: float | None = None  # noise amount for DDIM / ancestral samplers; None: the sampler's default
+
+    def resolve(self, manifest: Manifest) -> GenerationRequest:
+        """Fill defaults from the bundle and check every field, raising RequestError with a one-line reason."""
+        size = manifest.model.default_size
+        sampler = self.sampler or default_sampler(manifest.scheduler)
+        seed = secrets.randbelow(2**32) if self.seed is None else self.seed
+        req = replace(self, width=self.width or size, height=self.height or size, sampler=sampler, seed=seed)
+        req._check(manifest)
+        return replace(req, sampler=resolve_sampler(req.sampler))
+
+    def _check(self, manifest: Manifest) -> None:
+        if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
+            raise RequestError("prompt and negative prompt must be strings")
+        _check_size(manifest, "width", self.width)
+        _check_size(manifest, "height", self.height)
+        if not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
+            raise RequestError(f"steps must be an integer from 1 to {MAX_STEPS}, got {self.steps!r}")
+        if not math.isfinite(self.guidance_scale) or self.guidance_scale < 0:
+            raise RequestError(f"guidance scale must be a finite number >= 0, got {self.guidance_scale!r}")
+        if not isinstance(self.batch_size, int) or not 1 <= self.batch_size <= manifest.shapes.max_batch:
+            raise RequestError(f"batch size must be from 1 to {manifest.shapes.max_batch}, got {self.batch_size!r}")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < MAX_SEED - self.batch_size:
+            raise RequestError(f"seed must be an integer from 0 to 2**64 - 1 - batch size, got {self.seed!r}")
+        if self.eta is not None and not 0.0 <= self.eta <= 1.0:
+            raise RequestError(f"eta must be within [0, 1], got {self.eta!r}")
+        try:
+            resolve_sampler(self.sampler)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
+
+
+def _check_size(manifest: Manifest, what: str, value: object) -> None:
+    s = manifest.shapes
+    if not isinstance(value, int) or value % s.multiple_of or not s.min_size <= value <= s.max_size:
+        raise RequestError(
+            f"{what} must be a multiple of {s.multiple_of} from {s.min_size} to {s.max_size}, got {value!r}"
+        )
+
+
+# The diffusers scheduler class a bundle was saved with -> the sampler that reproduces it.
+_CLASS_TO_SAMPLER = {
+    "PNDMScheduler": "PNDM",
+    "DDIMScheduler": "DDIM",
+    "EulerDiscreteScheduler": "Euler",
+    "EulerAncestralDiscreteScheduler": "Euler a",
+    "LMSDiscreteScheduler": "LMS",
+    "DPMSolverMultistepScheduler": "DPM++ 2M",
+}
+
+
+def default_sampler(scheduler_config: dict) -> str:
+    """The sampler matching the bundle's own scheduler (PNDM for SD 1.x), as diffusers would use."""
+    name = _CLASS_TO_SAMPLER.get(scheduler_config.get("_class_name", ""), "PNDM")
+    if name == "DPM++ 2M" and scheduler_config.get("use_karras_sigmas"):
+        name = "DPM++ 2M Karras"
+    return name
