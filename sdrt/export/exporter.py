@@ -1,0 +1,125 @@
+"""export_bundle: load a checkpoint, export and validate each component, and commit the bundle atomically."""
+from __future__ import annotations
+
+import logging
+import time
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import torch
+
+import sdrt
+from sdrt.bundle import BundleWriter, Component, Manifest, ModelInfo, TokenizerInfo
+from sdrt.errors import ExportError
+from sdrt.export.clip_vocab import read_tokenizer_files
+from sdrt.export.components import CHECK_SHAPES, ComponentSpec, axis_sizes, component_specs, sample_inputs
+from sdrt.export.onnx_export import export_onnx, parameter_bytes
+from sdrt.export.parity import check_parity
+from sdrt.export.source import SourceModel, load_source
+
+log = logging.getLogger(__name__)
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+TOOLS = ("torch", "diffusers", "transformers", "onnx", "onnxruntime")
+# Text-encoder widths of the two supported families: OpenAI CLIP ViT-L/14 (SD1) and OpenCLIP ViT-H/14 (SD2).
+SD1_WIDTH, SD2_WIDTH = 768, 1024
+TRACE_SEED = 0
+
+
+def export_bundle(
+    source: Path | str,
+    out: Path | str,
+    *,
+    original_config: Path | str | None = None,
+    prediction_type: str | None = None,
+    opset: int = 17,
+    overwrite: bool = False,
+) -> Manifest:
+    """Export a diffusers folder or single file to a validated ONNX bundle at `out`; returns its manifest."""
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise ExportError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    with BundleWriter(out, overwrite=overwrite) as writer:  # checks `out` before the slow load
+        model = load_source(source, original_config)
+        info = model_info(model, prediction_type)
+        components = {}
+        for spec in component_specs(model):
+            components[spec.name] = export_component(spec, writer.path, opset, info.vae_scale_factor)
+        tokenizer = write_tokenizer(model, writer.path, components["text_encoder"])
+        scheduler = {**model.scheduler, "prediction_type": info.prediction_type}
+        manifest = Manifest(
+            model=info, components=components, scheduler=scheduler, tokenizer=tokenizer,
+            source=model.source, tools=tool_versions(),
+        )
+        return writer.commit(manifest)
+
+
+def export_component(spec: ComponentSpec, root: Path, opset: int, vae_scale_factor: int) -> Component:
+    """Export one component to `root/<name>/model.onnx`, check its parity, and describe it for the manifest."""
+    rel = f"{spec.name}/model.onnx"
+    log.info("%s: exporting (%.0f MB of weights)", spec.name, parameter_bytes(spec.module) / 1e6)
+    start = time.perf_counter()
+    generator = torch.Generator().manual_seed(TRACE_SEED)
+    trace_args = sample_inputs(spec, axis_sizes(CHECK_SHAPES[0], vae_scale_factor), generator)
+    export_onnx(spec.module, trace_args, spec.contract, root / rel, opset=opset)
+    exported = time.perf_counter()
+    validation = check_parity(spec, root / rel, CHECK_SHAPES, vae_scale_factor)
+    log.info(
+        "%s: exported in %.1f s, validated in %.1f s: max abs error %.2e (tolerance %g)", spec.name,
+        exported - start, time.perf_counter() - exported, validation["max_abs_error"], spec.tolerance,
+    )
+    return Component(spec.name, rel, spec.contract, validation=validation)
+
+
+def model_info(model: SourceModel, prediction_type: str | None) -> ModelInfo:
+    """What the runtime needs to drive the loop; `prediction_type` overrides the scheduler config's."""
+    vae, unet = model.vae.config, model.unet.config
+    vae_scale_factor = 2 ** (len(vae.block_out_channels) - 1)
+    prediction = prediction_type or model.scheduler.get("prediction_type") or "epsilon"
+    if prediction not in PREDICTION_TYPES:
+        raise ExportError(f"the scheduler's prediction_type {prediction!r} is not one of {PREDICTION_TYPES}")
+    return ModelInfo(
+        family=model_family(model.text_encoder.config),
+        prediction_type=prediction,
+        latent_scale_factor=float(vae.scaling_factor),
+        latent_channels=int(vae.latent_channels),
+        vae_scale_factor=vae_scale_factor,
+        default_size=int(unet.sample_size) * vae_scale_factor,
+        name=model.name,
+    )
+
+
+def model_family(text_config) -> str:
+    """"sd1" for an OpenAI CLIP text encoder, "sd2" for an OpenCLIP one.
+
+    Full-size models are told apart by width (768 vs 1024). Other widths (tiny test models) by activation, the
+    one architectural difference of the two towers: OpenAI CLIP uses quick_gelu, OpenCLIP exact gelu.
+    """
+    if text_config.hidden_size == SD1_WIDTH:
+        return "sd1"
+    if text_config.hidden_size == SD2_WIDTH:
+        return "sd2"
+    return "sd1" if text_config.hidden_act == "quick_gelu" else "sd2"
+
+
+def write_tokenizer(model: SourceModel, root: Path, text_encoder: Component) -> TokenizerInfo:
+    """vocab.json + merges.txt under `root/tokenizer`, padded to the text encoder's sequence length."""
+    info = TokenizerInfo()
+    try:
+        pad_token, max_length = read_tokenizer_files(model.tokenizer_dir, root / Path(info.vocab).parent)
+    except (OSError, ValueError, KeyError) as e:
+        raise ExportError(f"cannot read the tokenizer in {model.tokenizer_dir}: {e}") from None
+    sequence = text_encoder.contract.inputs[0].shape[1]
+    if max_length is not None and max_length != sequence:
+        log.info("tokenizer model_max_length is %s; prompts are padded to the text encoder's %s", max_length, sequence)
+    return TokenizerInfo(max_length=sequence, pad_token=pad_token)
+
+
+def tool_versions() -> dict[str, str]:
+    """Versions of the libraries that produced the bundle."""
+    versions = {"sdrt": sdrt.__version__}
+    for name in TOOLS:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = "unknown"
+    return versions

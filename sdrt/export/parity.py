@@ -1,0 +1,62 @@
+"""Parity of an exported file: ONNX Runtime (CPU) against the torch wrapper on the same random inputs."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidArgument, InvalidGraph, RuntimeException
+
+from sdrt.errors import ExportError
+from sdrt.export.components import ComponentSpec, axis_sizes, sample_inputs
+
+log = logging.getLogger(__name__)
+
+PARITY_SEED = 0
+# ONNX Runtime's exceptions (not subclasses of RuntimeError): a graph that cannot load or run at a contract shape.
+ORT_ERRORS = (Fail, InvalidArgument, InvalidGraph, RuntimeException)
+
+
+def check_parity(spec: ComponentSpec, path: Path, shapes, vae_scale_factor: int) -> dict:
+    """Max abs error over `shapes`; raises ExportError above `spec.tolerance`, else returns the manifest record."""
+    options = ort.SessionOptions()
+    # Torch and ONNX Runtime take turns on the same cores: ORT's idle threads must not spin through torch's turn.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except ORT_ERRORS as e:
+        raise ExportError(f"{spec.name}: ONNX Runtime cannot load the exported model: {e}") from None
+    generator = torch.Generator().manual_seed(PARITY_SEED)
+    errors, checked = [], []
+    for shape in shapes:
+        args = sample_inputs(spec, axis_sizes(shape, vae_scale_factor), generator)
+        errors.append(_max_abs_error(spec, session, args))
+        checked.append({name: list(a.shape) for name, a in zip(spec.contract.input_names, args)})
+        log.debug("%s: max abs error %.3g at %s", spec.name, errors[-1], checked[-1])
+    worst = float(np.max(errors))  # np.max propagates NaN, Python's max would drop it
+    if not worst <= spec.tolerance:  # NaN fails too
+        raise ExportError(
+            f"{spec.name}: the exported ONNX model differs from torch by {worst:.3g} (max abs error), "
+            f"above the tolerance {spec.tolerance:g}"
+        )
+    return {"max_abs_error": worst, "tolerance": spec.tolerance, "shapes": checked}
+
+
+def _max_abs_error(spec: ComponentSpec, session: ort.InferenceSession, args: tuple[torch.Tensor, ...]) -> float:
+    with torch.no_grad():
+        expected = spec.module(*args)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    feeds = {name: a.numpy() for name, a in zip(spec.contract.input_names, args)}
+    try:
+        got = session.run(spec.contract.output_names, feeds)
+    except ORT_ERRORS as e:
+        shapes = {name: list(a.shape) for name, a in feeds.items()}
+        raise ExportError(f"{spec.name}: the exported ONNX model fails at {shapes}: {e}") from None
+    errors = []
+    for name, want, have in zip(spec.contract.output_names, expected, got):
+        if have.shape != tuple(want.shape):
+            raise ExportError(f"{spec.name}.{name}: ONNX gives shape {have.shape}, torch {tuple(want.shape)}")
+        errors.append(np.max(np.abs(have - want.numpy())))
+    return float(np.max(errors))
