@@ -17,6 +17,7 @@ from sdrt.runtime.guidance import ClassifierFreeGuidance
 from sdrt.runtime.image import infotext, to_pil
 from sdrt.runtime.noise import PerImageNoise
 from sdrt.runtime.parametrization import c_in, parametrization
+from sdrt.runtime.prompts import prompt_embeddings
 from sdrt.runtime.request import GenerationRequest
 from sdrt.runtime.samplers import make_schedule, sample, sampler_label
 from sdrt.runtime.schedules import SchedulerConfig
@@ -56,6 +57,11 @@ class GeneratedImage:
     parameters: str
 
 
+def _unet_feeds(x_in: np.ndarray, t: float, context: np.ndarray) -> dict[str, np.ndarray]:
+    timestep = np.full(len(x_in), t, dtype=np.float32)
+    return {"sample": x_in, "timestep": timestep, "encoder_hidden_states": context}
+
+
 class Pipeline:
     """A loaded bundle on one backend; `denoise` yields steps, `generate` returns finished images."""
 
@@ -78,7 +84,8 @@ class Pipeline:
         manifest = read_manifest(root)
         if verify:
             verify_files(root, manifest)
-        return cls(root, manifest, get_backend(backend, **options))
+        formats = {c.format for c in manifest.components.values()}
+        return cls(root, manifest, get_backend(backend, formats=formats, **options))
 
     def session(self, name: str) -> Session:
         """The component's session, opened on first use."""
@@ -87,6 +94,15 @@ class Pipeline:
                 raise BundleError(f"bundle {self.root} has no {name} component")
             self._sessions[name] = self.backend.load(self.root, self.manifest.components[name])
         return self._sessions[name]
+
+    def prepared(self, name: str, feeds: dict[str, np.ndarray]) -> Session:
+        """The session, with `feeds` checked against its contract and its shapes fixed to theirs.
+
+        Called once per shape at the boundary (never inside the loop): static-shape engines compile here.
+        """
+        session = self.session(name)
+        session.prepare(session.contract.check_inputs(feeds))
+        return session
 
     def close(self) -> None:
         for s in self._sessions.values():
@@ -100,24 +116,28 @@ class Pipeline:
         self.close()
 
     def encode_prompts(self, prompts: list[str]) -> np.ndarray:
-        """Token ids -> text encoder hidden states [len(prompts), 77, dim]."""
-        ids = self.tokenizer(prompts).astype(np.int32)
-        return self.session("text_encoder").run({"input_ids": ids})["last_hidden_state"]
+        """A1111 prompts (attention syntax, BREAK, any length) -> hidden states [len(prompts), 77 * chunks, dim]."""
+        return prompt_embeddings(self.tokenizer, self._encode_ids, prompts)
+
+    def _encode_ids(self, ids: np.ndarray) -> np.ndarray:
+        """Token ids [n, 77] -> text encoder hidden states [n, 77, dim]."""
+        feeds = {"input_ids": ids.astype(np.int32)}
+        return self.prepared("text_encoder", feeds).run(feeds)["last_hidden_state"]
 
     def _guidance(self, req: GenerationRequest) -> ClassifierFreeGuidance:
         b = req.batch_size
         embeddings = self.encode_prompts([req.negative_prompt] * b + [req.prompt] * b)
         return ClassifierFreeGuidance(cond=embeddings[b:], uncond=embeddings[:b], scale=req.guidance_scale)
 
-    def _model(self, guidance: ClassifierFreeGuidance):
+    def _model(self, guidance: ClassifierFreeGuidance, shape: tuple[int, ...]):
         """The denoiser D(x, sigma, t) the samplers call: scale input, guided UNet, prediction -> denoised."""
-        unet, context = self.session("unet"), guidance.context()
+        context = guidance.context()
+        x_in = guidance.batch(np.zeros(shape, np.float32))
+        unet = self.prepared("unet", _unet_feeds(x_in, 0.0, context))
 
         def model(x: np.ndarray, sigma: float, t: float) -> np.ndarray:
             x_in = guidance.batch((x * c_in(sigma)).astype(np.float32))
-            timestep = np.full(len(x_in), t, dtype=np.float32)
-            feeds = {"sample": x_in, "timestep": timestep, "encoder_hidden_states": context}
-            out = unet.run(feeds)["model_output"]
+            out = unet.run(_unet_feeds(x_in, t, context))["model_output"]
             return self.denoised_from(x, guidance.combine(out), sigma)
 
         return model
@@ -131,16 +151,17 @@ class Pipeline:
         req = request.resolve(self.manifest)
         noise = PerImageNoise(req.seed, req.batch_size)
         schedule = make_schedule(req.sampler, self.scheduler_config, req.steps)
-        x = noise(self.latent_shape(req)) * schedule.init_noise_sigma
-        model = self._model(self._guidance(req))
+        shape = self.latent_shape(req)
+        model = self._model(self._guidance(req), shape)
+        x = noise(shape) * schedule.init_noise_sigma
         total = len(schedule.sigmas) - 1
         for i, x in enumerate(sample(req.sampler, model, x, schedule, noise, eta=req.eta), start=1):
             yield Step(i, total, float(schedule.sigmas[i]), x)
 
     def decode(self, latents: np.ndarray) -> list[Image.Image]:
         """VAE-decode VP-scale latents one image at a time (bounds peak memory at large sizes)."""
-        vae, scale = self.session("vae_decoder"), self.manifest.model.latent_scale_factor
-        scaled = (latents / scale).astype(np.float32)
+        scaled = (latents / self.manifest.model.latent_scale_factor).astype(np.float32)
+        vae = self.prepared("vae_decoder", {"latents": scaled[:1]})
         return [img for z in scaled for img in to_pil(vae.run({"latents": z[None]})["image"])]
 
     def generate(self, request: GenerationRequest | str, **fields) -> list[GeneratedImage]:
@@ -166,7 +187,7 @@ class Pipeline:
             "Model hash": source.get("sha256", "")[:10],
             "Model": self.manifest.model.name,
             "Eta": None if req.eta is None else f"{req.eta:g}",
-            "Backend": self.backend.name,
+            "Backend": self.backend.label,
             "Version": f"sdrt {__version__}",
         }
         return infotext(req.prompt, req.negative_prompt, fields)

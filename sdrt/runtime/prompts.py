@@ -1,0 +1,202 @@
+"""A1111 prompts: attention syntax, 75-token chunks with BREAK, and weighted chunk embeddings.
+
+Reproduces AUTOMATIC1111/stable-diffusion-webui: modules/prompt_parser.py (`parse_prompt_attention`),
+modules/sd_hijack_clip.py (`tokenize_line`, `process_tokens`), modules/sd_emphasis.py ("Original"
+emphasis) and modules/sd_samplers_cfg_denoiser.py (`pad_cond_uncond`). Engine-free: the text encoder
+comes in as a function from ids [n, 77] to hidden states [n, 77, dim].
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from sdrt.runtime.tokenizer import ClipTokenizer
+
+EncodeFn = Callable[[np.ndarray], np.ndarray]
+
+ROUND_MULTIPLIER = 1.1  # "(word)"; A1111 round_bracket_multiplier
+SQUARE_MULTIPLIER = 1 / 1.1  # "[word]"; A1111 square_bracket_multiplier
+COMMA_BACKTRACK = 20  # A1111 opts.comma_padding_backtrack default
+COMMA = ",</w>"
+BREAK = ("BREAK", -1.0)  # the parser's marker for "start a new chunk here"
+
+# One token of the attention syntax, in A1111's re_attention order: a backslash escape (a lone "\" is
+# dropped), ":weight)", a bracket, a run of plain text, or a stray ":".
+_ATTENTION = re.compile(r"\\[()\[\]\\]?|:\s*([+-]?[.\d]+)\s*\)|[()\[\]]|[^\\()\[\]:]+|:")
+_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+
+
+def parse_attention(text: str) -> list[tuple[str, float]]:
+    """Split a prompt into (text, weight) runs as A1111's parse_prompt_attention does, BREAK as `BREAK`."""
+    res: list[list] = []
+    round_open: list[int] = []
+    square_open: list[int] = []
+
+    def multiply_from(start: int, multiplier: float) -> None:
+        for item in res[start:]:
+            item[1] *= multiplier
+
+    for m in _ATTENTION.finditer(text):
+        token, weight = m.group(0), m.group(1)
+        if token.startswith("\\"):
+            res.append([token[1:], 1.0])
+        elif token in ("(", "["):
+            (round_open if token == "(" else square_open).append(len(res))
+        elif weight is not None and round_open:
+            multiply_from(round_open.pop(), _weight(weight, text))
+        elif token == ")" and round_open:
+            multiply_from(round_open.pop(), ROUND_MULTIPLIER)
+        elif token == "]" and square_open:
+            multiply_from(square_open.pop(), SQUARE_MULTIPLIER)
+        else:
+            for i, part in enumerate(_BREAK.split(token)):
+                if i > 0:
+                    res.append(list(BREAK))
+                res.append([part, 1.0])
+    # Unclosed brackets apply to the end of the prompt.
+    for start in round_open:
+        multiply_from(start, ROUND_MULTIPLIER)
+    for start in square_open:
+        multiply_from(start, SQUARE_MULTIPLIER)
+    return _merge_equal_weights(res or [["", 1.0]])
+
+
+def _weight(number: str, prompt: str) -> float:
+    try:
+        return float(number)
+    except ValueError:
+        raise ValueError(f"attention weight {number!r} in prompt {prompt!r} is not a number") from None
+
+
+def _merge_equal_weights(res: list[list]) -> list[tuple[str, float]]:
+    # A1111 merges neighbours whose weights compare equal, BREAK markers included ("(a BREAK b)"
+    # scales the marker to -1.1, after which it is the plain word BREAK: kept, as A1111 does).
+    merged = [res[0]]
+    for text, weight in res[1:]:
+        if merged[-1][1] == weight:
+            merged[-1][0] += text
+        else:
+            merged.append([text, weight])
+    return [(text, weight) for text, weight in merged]
+
+
+@dataclass(frozen=True)
+class PromptChunks:
+    """One prompt as n chunks of BOS + 75 tokens + EOS: ids int64 [n, 77] and multipliers float32 [n, 77]."""
+
+    ids: np.ndarray
+    multipliers: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def padded(self, n: int, empty: PromptChunks) -> PromptChunks:
+        """These chunks followed by copies of the single `empty` chunk, n chunks in all."""
+        extra = n - len(self)
+        return PromptChunks(np.concatenate([self.ids, np.repeat(empty.ids, extra, axis=0)]),
+                            np.concatenate([self.multipliers, np.repeat(empty.multipliers, extra, axis=0)]))
+
+
+def tokenize_weighted(tokenizer: ClipTokenizer, text: str, *, comma_backtrack: int = COMMA_BACKTRACK,
+                      emphasis: bool = True) -> PromptChunks:
+    """Tokenize a prompt into chunks as A1111's tokenize_line does; emphasis=False reads brackets literally."""
+    parsed = parse_attention(text) if emphasis else [(text, 1.0)]
+    builder = _ChunkBuilder(tokenizer, comma_backtrack)
+    for part, weight in parsed:
+        if (part, weight) == BREAK:
+            builder.next_chunk()
+        else:
+            for token in tokenizer.token_ids(part):
+                builder.add(token, weight)
+    return builder.finish()
+
+
+class _ChunkBuilder:
+    """A1111's tokenize_line loop: fill 75-token chunks, moving a comma-ended tail to the next chunk."""
+
+    def __init__(self, tokenizer: ClipTokenizer, comma_backtrack: int):
+        self.tokenizer, self.comma_backtrack = tokenizer, comma_backtrack
+        self.size = tokenizer.max_length - 2
+        self.comma = tokenizer.backend.token_to_id(COMMA)
+        self.chunks: list[tuple[list[int], list[float]]] = []
+        self.tokens: list[int] = []
+        self.multipliers: list[float] = []
+        self.last_comma = -1
+
+    def add(self, token: int, weight: float) -> None:
+        if token == self.comma:
+            self.last_comma = len(self.tokens)
+        elif self._backtrack():
+            # The chunk is full and a comma is near its end: the words after the comma move on.
+            cut = self.last_comma + 1
+            tail = self.tokens[cut:], self.multipliers[cut:]
+            self.tokens, self.multipliers = self.tokens[:cut], self.multipliers[:cut]
+            self.next_chunk()
+            self.tokens, self.multipliers = tail
+        if len(self.tokens) == self.size:
+            self.next_chunk()
+        self.tokens.append(token)
+        self.multipliers.append(weight)
+
+    def _backtrack(self) -> bool:
+        return (self.comma_backtrack != 0 and len(self.tokens) == self.size and self.last_comma != -1
+                and len(self.tokens) - self.last_comma <= self.comma_backtrack)
+
+    def next_chunk(self) -> None:
+        padding = [1.0] * (self.size + 1 - len(self.tokens))
+        self.chunks.append((self._ids(self.tokens), [1.0] + self.multipliers + padding))
+        self.tokens, self.multipliers, self.last_comma = [], [], -1
+
+    def _ids(self, tokens: list[int]) -> list[int]:
+        t = self.tokenizer
+        ids = [t.bos_id] + tokens + [t.eos_id] * (self.size + 1 - len(tokens))
+        if t.pad_id == t.eos_id:
+            return ids
+        # A1111 process_tokens, for SD2 (id_pad != id_end): everything after the first EOS becomes id_pad.
+        first_eos = ids.index(t.eos_id)
+        return ids[: first_eos + 1] + [t.pad_id] * (len(ids) - first_eos - 1)
+
+    def finish(self) -> PromptChunks:
+        if self.tokens or not self.chunks:
+            self.next_chunk()
+        ids, multipliers = zip(*self.chunks)
+        return PromptChunks(np.array(ids, dtype=np.int64), np.array(multipliers, dtype=np.float32))
+
+
+def pad_chunks(prompts: Sequence[PromptChunks], empty: PromptChunks) -> list[PromptChunks]:
+    """Give every prompt the most chunks of any, appending empty-prompt chunks (A1111 pad_cond_uncond)."""
+    n = max(len(p) for p in prompts)
+    return [p.padded(n, empty) for p in prompts]
+
+
+def emphasize(z: np.ndarray, multipliers: np.ndarray) -> np.ndarray:
+    """Scale hidden states [n, 77, dim] by per-token multipliers [n, 77], then restore each chunk's mean."""
+    if np.all(multipliers == 1.0):
+        return z  # A1111 computes it anyway; the result would be z to the bit
+    # sd_emphasis.EmphasisOriginal: the mean over one process_tokens call, i.e. one chunk of one prompt.
+    original = z.mean(axis=(1, 2), dtype=np.float64)
+    weighted = z * multipliers[:, :, None].astype(z.dtype)
+    scale = original / weighted.mean(axis=(1, 2), dtype=np.float64)
+    return weighted * scale.astype(z.dtype)[:, None, None]
+
+
+def encode_weighted(encode_fn: EncodeFn, prompts: Sequence[PromptChunks]) -> np.ndarray:
+    """Encode equal-length prompts in one call: [len(prompts), 77 * chunks, dim], chunks joined in order."""
+    counts = sorted({len(p) for p in prompts})
+    if len(counts) != 1:
+        raise ValueError(f"expected prompts with equal chunk counts (use pad_chunks), got counts {counts}")
+    z = encode_fn(np.concatenate([p.ids for p in prompts]))
+    z = emphasize(z, np.concatenate([p.multipliers for p in prompts]))
+    return z.reshape(len(prompts), counts[0] * z.shape[1], z.shape[2])
+
+
+def prompt_embeddings(tokenizer: ClipTokenizer, encode_fn: EncodeFn, prompts: Sequence[str], *,
+                      comma_backtrack: int = COMMA_BACKTRACK, emphasis: bool = True) -> np.ndarray:
+    """A1111 prompts -> text-encoder hidden states [len(prompts), 77 * chunks, dim], padded to equal length."""
+    if isinstance(prompts, str):
+        raise TypeError("expected a list of prompts, got a str")
+    chunks = [tokenize_weighted(tokenizer, p, comma_backtrack=comma_backtrack, emphasis=emphasis) for p in prompts]
+    return encode_weighted(encode_fn, pad_chunks(chunks, tokenize_weighted(tokenizer, "")))
