@@ -1,4 +1,4 @@
-"""The `sdrt` command: export, generate, info. The only module that prints, configures logging or exits."""
+"""The `sdrt` command: export, convert, generate, info. The only module that prints, configures logging or exits."""
 from __future__ import annotations
 
 import argparse
@@ -33,6 +33,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--eta", type=float, help="noise of DDIM (default 0) and ancestral samplers (default 1)")
     p.add_argument("--backend", help="engine (default: the first installed)")
     p.add_argument("--device", help="engine device, e.g. cpu (default) or cuda")
+    p.add_argument("--precision", choices=["auto", "bf16", "f32"], help="openvino: compute precision (default auto: "
+                   "the device's own, bf16 on CPUs with AMX)")
+    p.add_argument("--hint", choices=["latency", "throughput"], help="openvino: performance hint (default latency)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_generate)
 
@@ -44,8 +47,27 @@ def _add_export(sub) -> None:
     p.add_argument("--original-config", type=Path, help="LDM yaml for a single file (default: SD v1 inference)")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="override the detected one")
     p.add_argument("--opset", type=int, default=17)
-    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --output")
+    p.add_argument("--target", choices=["onnx", "openvino"], default="onnx", help="component format (default onnx)")
+    _add_conversion_options(p)
     p.set_defaults(run=_export)
+
+
+def _add_convert(sub) -> None:
+    p = sub.add_parser("convert", help="convert an ONNX bundle to another engine's format (no torch needed)")
+    p.add_argument("bundle", type=Path, help="ONNX bundle folder")
+    p.add_argument("-o", "--output", type=Path, required=True, help="bundle folder to create")
+    p.add_argument("--target", choices=["openvino"], default="openvino")
+    _add_conversion_options(p)
+    p.set_defaults(run=_convert)
+
+
+def _add_conversion_options(p) -> None:
+    p.add_argument("--weights", choices=["fp32", "int8"], default="fp32", help="openvino: int8 compresses the "
+                   "UNet and text encoder weights (NNCF), gated by image PSNR against fp32")
+    p.add_argument("--quantize-unet", action="store_true", help="openvino, with --weights int8: quantize the UNet's "
+                   "activations too, calibrated on the model's own denoising")
+    p.add_argument("--psnr-gate", type=float, help="openvino: minimum image PSNR in dB (default 35 fp32, 30 int8)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --output")
 
 
 def _add_info(sub) -> None:
@@ -62,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_export(sub)
+    _add_convert(sub)
     _add_info(sub)
     return parser
 
@@ -81,7 +104,8 @@ def _generate(args) -> int:
     paths = _output_paths(args.output, max(args.batch_size, 1))
     for path in paths:
         check_writable(path)
-    options = {"device": args.device} if args.device else {}
+    given = {"device": args.device, "precision": args.precision, "hint": args.hint}
+    options = {k: v for k, v in given.items() if v is not None}
     with Pipeline.load(args.bundle, backend=args.backend, **options) as pipe:
         req = GenerationRequest(
             prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
@@ -104,15 +128,62 @@ def _export(args) -> int:
         from sdrt.export import export_bundle
     except ImportError as e:
         raise SdrtError(f"export needs the export extra ({e.name} is missing): pip install 'sdrt[export]'") from None
-    manifest = export_bundle(
-        args.source, args.output, original_config=args.original_config,
-        prediction_type=args.prediction_type, opset=args.opset, overwrite=args.overwrite,
-    )
-    print(f"{args.output}: {len(manifest.components)} components, {len(manifest.files)} files")
+    if args.target == "onnx" and (args.weights != "fp32" or args.quantize_unet or args.psnr_gate is not None):
+        raise SdrtError("--weights, --quantize-unet and --psnr-gate apply to --target openvino; ONNX bundles are fp32")
+    options = dict(original_config=args.original_config, prediction_type=args.prediction_type, opset=args.opset)
+    if args.target == "onnx":
+        manifest = export_bundle(args.source, args.output, overwrite=args.overwrite, **options)
+    else:
+        manifest = _export_via_onnx(args, options)
+    _print_bundle(args.output, manifest)
+    return 0
+
+
+def _export_via_onnx(args, options: dict):
+    """Export ONNX into a hidden folder beside the output (same disk, no /tmp size surprises), then convert it."""
+    import tempfile
+
+    from sdrt.export import export_bundle
+
+    if args.output.exists() and not args.overwrite:  # fail before the slow export, not after it
+        raise SdrtError(f"{args.output} already exists (pass --overwrite to replace it)")
+    parent = args.output.absolute().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{args.output.name}.onnx-", dir=parent) as tmp:
+        export_bundle(args.source, Path(tmp) / "onnx", **options)
+        return _convert_bundle(Path(tmp) / "onnx", args)
+
+
+def _convert(args) -> int:
+    _print_bundle(args.output, _convert_bundle(args.bundle, args))
+    return 0
+
+
+def _convert_bundle(src: Path, args):
+    try:
+        from sdrt.export.openvino import convert_bundle
+
+        return convert_bundle(
+            src, args.output, weights=args.weights, quantize_unet=args.quantize_unet, overwrite=args.overwrite,
+            psnr_gate=args.psnr_gate,
+        )
+    except ImportError as e:  # openvino, and nncf for int8, are imported on use
+        raise SdrtError(f"conversion to openvino needs {e.name}: pip install 'sdrt[openvino]'") from None
+
+
+def _print_bundle(output: Path, manifest) -> None:
+    print(f"{output}: {len(manifest.components)} components, {len(manifest.files)} files")
     for comp in manifest.components.values():
         v = comp.validation
-        print(f"  {comp.name}: max abs error {v.get('max_abs_error', float('nan')):.2e} (tolerance {v.get('tolerance')})")
-    return 0
+        print(f"  {comp.name}: {comp.format} {comp.precision}, export max abs error "
+              f"{v.get('max_abs_error', float('nan')):.2e} (tolerance {v.get('tolerance')})")
+    if "validation" in manifest.source:
+        print(f"  image: {_psnr_text(manifest.source['validation'])}")
+
+
+def _psnr_text(v: dict) -> str:
+    measured = "identical" if v.get("psnr_db") is None else f"PSNR {v['psnr_db']:.2f} dB"
+    return f"{measured} against the {v.get('reference', '?')} (minimum {v.get('min_psnr_db')} dB)"
 
 
 def _info(args) -> int:
@@ -146,6 +217,10 @@ def describe(root: Path, manifest) -> str:
         "tools      " + ", ".join(f"{k} {v}" for k, v in manifest.tools.items()),
         "components",
     ]
+    if "converted_from" in manifest.source:
+        origin, check = manifest.source["converted_from"], manifest.source.get("validation", {})
+        lines.insert(-2, f"converted  from {origin.get('format')} bundle {origin.get('manifest_sha256', '?')[:10]}: "
+                         f"{_psnr_text(check)}")
     for c in manifest.components.values():
         err = c.validation.get("max_abs_error")
         check = f"max abs error {err:.2e} <= {c.validation.get('tolerance')}" if err is not None else "not validated"

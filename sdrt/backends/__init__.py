@@ -3,13 +3,26 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
+from typing import Iterable, NamedTuple
 
 from sdrt.backends.base import Backend, Session
 from sdrt.errors import BackendError
 
-# name -> (module, class, the pip distribution that provides the engine). The import happens on request.
-_REGISTRY: dict[str, tuple[str, str, str]] = {
-    "onnxruntime": ("sdrt.backends.onnxruntime", "OnnxRuntimeBackend", "onnxruntime"),
+
+class Entry(NamedTuple):
+    """Where a backend lives, the pip distribution that provides its engine, and the component formats it runs."""
+
+    module: str
+    cls: str
+    dist: str
+    formats: tuple[str, ...]  # as the class's `formats`, stated here so choosing one imports no engine
+
+
+# In order of preference: the first installed backend that runs a bundle's formats is the default.
+_REGISTRY: dict[str, Entry] = {
+    "onnxruntime": Entry("sdrt.backends.onnxruntime", "OnnxRuntimeBackend", "onnxruntime", ("onnx",)),
+    "openvino": Entry("sdrt.backends.openvino", "OpenVinoBackend", "openvino", ("openvino", "onnx")),
 }
 
 __all__ = ["Backend", "Session", "available_backends", "get_backend", "backend_names"]
@@ -21,25 +34,50 @@ def backend_names() -> list[str]:
 
 
 def _engine_installed(name: str) -> bool:
-    module = _REGISTRY[name][2]
-    return importlib.util.find_spec(module) is not None
+    return importlib.util.find_spec(_REGISTRY[name].dist) is not None
 
 
-def available_backends() -> list[str]:
-    """The backends whose engine is installed, in order of preference."""
-    return [name for name in _REGISTRY if _engine_installed(name)]
+def available_backends(formats: Iterable[str] = ()) -> list[str]:
+    """The installed backends that run every one of `formats`, in order of preference."""
+    needed = set(formats)
+    return [name for name, e in _REGISTRY.items() if needed <= set(e.formats) and _engine_installed(name)]
 
 
-def get_backend(name: str | None = None, **options) -> Backend:
-    """Instantiate a backend by name (None: the first installed one); options go to its constructor."""
-    if name is None:
-        names = available_backends()
-        if not names:
-            raise BackendError("no inference engine is installed: pip install 'sdrt[onnxruntime]'")
-        name = names[0]
+def get_backend(name: str | None = None, formats: Iterable[str] = (), **options) -> Backend:
+    """Instantiate a backend by name (None: the first installed one that runs `formats`); options go to it."""
+    chosen = name is None
+    if chosen:
+        name = _default_backend(set(formats))
     if name not in _REGISTRY:
         raise BackendError(f"unknown backend {name!r}; choose one of: {', '.join(_REGISTRY)}")
-    module, cls, dist = _REGISTRY[name]
+    entry = _REGISTRY[name]
     if not _engine_installed(name):
-        raise BackendError(f"backend {name!r} needs the {dist} package: pip install 'sdrt[{dist}]'")
-    return getattr(importlib.import_module(module), cls)(**options)
+        raise BackendError(f"backend {name!r} needs the {entry.dist} package: pip install 'sdrt[{entry.dist}]'")
+    cls = getattr(importlib.import_module(entry.module), entry.cls)
+    _check_options(name, cls, options, chosen)
+    return cls(**options)
+
+
+def _default_backend(formats: set[str]) -> str:
+    names = available_backends(formats)
+    if names:
+        return names[0]
+    engines = [e.dist for e in _REGISTRY.values() if formats <= set(e.formats)]
+    if not engines:
+        raise BackendError(f"no sdrt backend runs components stored as {', '.join(sorted(formats))}")
+    raise BackendError(
+        f"no inference engine for {', '.join(sorted(formats)) or 'bundles'} is installed: "
+        + " or ".join(f"pip install 'sdrt[{d}]'" for d in engines)
+    )
+
+
+def _check_options(name: str, cls: type, options: dict, chosen: bool) -> None:
+    """Reject options the backend does not take with the list it does, rather than a TypeError from __init__."""
+    accepted = [p for p in inspect.signature(cls).parameters if p != "self"]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        hint = " (it was the default for this bundle: name the backend the option is meant for)" if chosen else ""
+        raise BackendError(
+            f"backend {name!r} has no option {', '.join(unknown)}; its options are: {', '.join(accepted) or 'none'}"
+            + hint
+        )

@@ -30,6 +30,7 @@ class Backend(Protocol):
 
     name: str
     formats: tuple[str, ...]
+    label: str  # what PNG parameters report: the engine, and the device or precision when they change the numbers
 
     def load(self, bundle: Path, component: Component) -> Session:
         """Open `component` (its file relative to `bundle`) as a session."""

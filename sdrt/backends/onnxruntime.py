@@ -64,6 +64,7 @@ class OnnxRuntimeBackend:
             )
         self.providers = [provider] if device == "cpu" else [provider, PROVIDERS["cpu"]]
         self.threads = threads
+        self.label = self.name if device == "cpu" else f"{self.name} {device}"
 
     def _options(self) -> ort.SessionOptions:
         options = ort.SessionOptions()

@@ -54,3 +54,17 @@ def save_png(image: Image.Image, path: Path, parameters: str) -> Path:
     except OSError as e:
         raise RequestError(f"cannot write {path}: {e.strerror or e}") from None
     return Path(path)
+
+
+def psnr(a: Image.Image | np.ndarray, b: Image.Image | np.ndarray) -> float:
+    """Peak signal-to-noise ratio of two 8-bit images in dB (inf when identical): 10 log10(255^2 / MSE)."""
+    x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if x.shape != y.shape:
+        raise ValueError(f"images differ in shape: {x.shape} vs {y.shape}")
+    mse = float(np.mean((x - y) ** 2))
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def max_pixel_difference(a: Image.Image | np.ndarray, b: Image.Image | np.ndarray) -> int:
+    """The largest absolute difference of two 8-bit images at any pixel and channel (0: identical)."""
+    return int(np.max(np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16))))

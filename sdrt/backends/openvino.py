@@ -1,0 +1,191 @@
+"""OpenVINO engine: reads IR (or ONNX), reshapes to static shapes per request size, compiles with a disk cache."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import openvino as ov
+
+from sdrt.backends.base import check_names
+from sdrt.bundle import Component
+from sdrt.contracts import BATCH, Contract
+from sdrt.errors import BackendError
+
+log = logging.getLogger(__name__)
+
+# sdrt precision names -> OpenVINO's INFERENCE_PRECISION_HINT; "auto" keeps the device's own default, which on
+# CPUs with AMX or AVX512-BF16 is bf16 (OpenVINO docs, "Precision Control") and f32 elsewhere.
+PRECISIONS = {"bf16": "bf16", "f16": "f16", "f32": "f32"}
+HINTS = {"latency": "LATENCY", "throughput": "THROUGHPUT"}
+# Compiled shapes kept per session: alternating between a few sizes must not recompile; more is memory for nothing.
+MAX_COMPILED_SHAPES = 4
+# Streams under the throughput hint when none are given: the loop runs one batch at a time, so streams only pay
+# by splitting that batch; two serve the guidance pair (uncond, cond) of one image, and on a small CPU each
+# further stream takes threads from the others. Pass `streams` for larger batches on larger CPUs.
+THROUGHPUT_STREAMS = 2
+
+
+def default_cache_dir() -> Path:
+    """Where compiled blobs go: $XDG_CACHE_HOME/sdrt/openvino, else ~/.cache/sdrt/openvino."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "sdrt" / "openvino"
+
+
+def _type_name(value) -> str:
+    """OpenVINO reports element types as `Type` objects ('bf16', 'f32'...) or strings depending on the property."""
+    return value.get_type_name() if isinstance(value, ov.Type) else str(value).lower()
+
+
+class OpenVinoSession:
+    """One model: `prepare` reshapes it to the contract's static shape for `dims` and compiles (cached per shape).
+
+    With `streams` > 1 the batch is split into that many parts (or the largest divisor of the batch below it),
+    each run on its own infer request in parallel; the model is compiled for the part's batch.
+    """
+
+    def __init__(self, core: ov.Core, model: ov.Model, contract: Contract, device: str, config: dict, streams: int):
+        self.contract = contract
+        self._core, self._model, self._device, self._config, self._streams = core, model, device, config, streams
+        self._inputs = {_port_name(p, contract.input_names): p for p in model.inputs}
+        outputs = [name for p in model.outputs for name in p.get_names()]
+        check_names(contract, list(self._inputs), outputs, "openvino")
+        self._batched = [spec.name for spec in contract.inputs if spec.shape[:1] == (BATCH,)]
+        self._compiled: OrderedDict[tuple, list[ov.InferRequest]] = OrderedDict()
+        self._requests: list[ov.InferRequest] = []
+
+    @property
+    def compiled_shapes(self) -> list[dict[str, int]]:
+        """The dims this session holds compiled models for, least recently used first."""
+        return [dict(key) for key in self._compiled]
+
+    def prepare(self, dims: Mapping[str, int]) -> None:
+        key = tuple(sorted(dims.items()))
+        if key not in self._compiled:
+            self._compiled[key] = self._compile(dims)
+            if len(self._compiled) > MAX_COMPILED_SHAPES:
+                self._compiled.popitem(last=False)
+        self._compiled.move_to_end(key)
+        self._requests = self._compiled[key]
+
+    def _compile(self, dims: Mapping[str, int]) -> list[ov.InferRequest]:
+        parts = _parts(dims.get(BATCH, 1), self._streams)
+        dims = {**dims, BATCH: dims[BATCH] // parts} if parts > 1 else dims
+        shapes = {spec.name: list(spec.concrete_shape(dims)) for spec in self.contract.inputs}
+        start = time.perf_counter()
+        self._model.reshape({self._inputs[name]: shape for name, shape in shapes.items()})
+        try:
+            compiled = self._core.compile_model(self._model, self._device, self._config)
+        except RuntimeError as e:
+            raise BackendError(f"openvino cannot compile {self.contract.component} for {shapes}: {e}") from None
+        log.debug(
+            "openvino: compiled %s for %s x %d in %.2f s (%s, %s streams)", self.contract.component, shapes, parts,
+            time.perf_counter() - start, _type_name(compiled.get_property("INFERENCE_PRECISION_HINT")),
+            compiled.get_property("NUM_STREAMS"),
+        )
+        return [compiled.create_infer_request() for _ in range(parts)]
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if not self._requests:
+            raise BackendError(f"{self.contract.component}: prepare(dims) must be called before run")
+        if len(self._requests) == 1:
+            result = self._requests[0].infer(dict(feeds))  # copies outputs out of the request's tensors
+            return {name: result[name] for name in self.contract.output_names}
+        return self._run_split(feeds)
+
+    def _run_split(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(self._requests)
+        chunks = {name: np.split(feeds[name], n) for name in self._batched}
+        for i, request in enumerate(self._requests):
+            request.start_async({name: chunks[name][i] if name in chunks else feeds[name] for name in feeds})
+        for request in self._requests:
+            request.wait()
+        # np.concatenate copies, so the outputs outlive the next run's writes into the request tensors.
+        return {
+            name: np.concatenate([r.get_tensor(name).data for r in self._requests])
+            for name in self.contract.output_names
+        }
+
+    def close(self) -> None:
+        self._compiled.clear()
+        self._requests, self._model = [], None
+
+
+def _parts(batch: int, streams: int) -> int:
+    """The largest number of equal parts, at most `streams`, that `batch` splits into."""
+    return max(k for k in range(1, min(batch, streams) + 1) if batch % k == 0)
+
+
+def _port_name(port, wanted: list[str]) -> str:
+    """The port's name from the contract when it carries one (a port may have several names), else any name."""
+    names = port.get_names()
+    return next((n for n in wanted if n in names), port.get_any_name())
+
+
+class OpenVinoBackend:
+    """Opens bundle components with OpenVINO: IR files, or ONNX files read directly."""
+
+    name = "openvino"
+    formats = ("openvino", "onnx")
+
+    def __init__(
+        self,
+        device: str = "CPU",
+        precision: str = "auto",
+        hint: str = "latency",
+        cache_dir: Path | str | None = None,
+        cache: bool = True,
+        threads: int = 0,
+        streams: int | None = None,
+    ):
+        self.core = ov.Core()
+        self.device = device.upper()
+        have = self.core.available_devices  # "CPU", "GPU.0", ...: a bare "GPU" means the first of its kind
+        if self.device not in have and self.device not in {d.split(".")[0] for d in have}:
+            raise BackendError(f"openvino: device {device!r} not found (have: {', '.join(have)})")
+        if precision != "auto" and precision not in PRECISIONS:
+            choices = ", ".join(["auto", *PRECISIONS])
+            raise BackendError(f"openvino: unknown precision {precision!r}; choose one of: {choices}")
+        if hint not in HINTS:
+            raise BackendError(f"openvino: unknown hint {hint!r}; choose one of: {', '.join(HINTS)}")
+        if hint == "latency" and streams not in (None, 1):
+            raise BackendError(f"openvino: streams={streams} needs hint='throughput' (latency runs one stream)")
+        self.hint = hint
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir() if cache else None
+        # Latency: one request on one stream using every core (OpenVINO's latency default), the batch unsplit.
+        self.streams = 1 if hint == "latency" else streams or THROUGHPUT_STREAMS
+        self.config = self._config(precision, hint, threads)
+        # The precision the device will run, made visible: "auto" resolves to the device default (bf16 on AMX).
+        self.precision = PRECISIONS.get(precision) or _type_name(
+            self.core.get_property(self.device, "INFERENCE_PRECISION_HINT")
+        )
+
+    def _config(self, precision: str, hint: str, threads: int) -> dict:
+        config = {"PERFORMANCE_HINT": HINTS[hint], "NUM_STREAMS": self.streams}
+        if precision != "auto":
+            config["INFERENCE_PRECISION_HINT"] = PRECISIONS[precision]
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        if self.cache_dir is not None:
+            config["CACHE_DIR"] = str(self.cache_dir)
+        return config
+
+    @property
+    def label(self) -> str:
+        """What PNG parameters report as the backend: engine, device and the precision it computes in."""
+        return f"openvino {self.device} {self.precision}"
+
+    def load(self, bundle: Path, component: Component) -> OpenVinoSession:
+        if component.format not in self.formats:
+            raise BackendError(f"openvino cannot run {component.name} stored as {component.format!r}")
+        path = Path(bundle) / component.file
+        log.debug("openvino: reading %s", path)
+        try:
+            model = self.core.read_model(str(path))
+        except RuntimeError as e:
+            raise BackendError(f"openvino cannot read {path}: {e}") from None
+        return OpenVinoSession(self.core, model, component.contract, self.device, self.config, self.streams)
