@@ -1,190 +1,37 @@
-"""Samplers as k-diffusion-style generator functions in VE space, matching diffusers' schedulers step by step.
+"""The sampler registry: A1111 sampler and schedule-type names -> a numpy sampler and the schedule it runs on.
 
-Every sampler has the shape `sample_x(model, x, schedule, noise=None, **options) -> Iterator[np.ndarray]`:
-`model(x, sigma, t) -> denoised` (the caller scales x by 1 / sqrt(sigma^2 + 1) for the UNet, runs guidance and
-converts eps / v to denoised), `noise(shape)` draws fresh standard normal noise, and the latents are yielded
-after every model evaluation. Update formulas follow crowsonkb/k-diffusion k_diffusion/sampling.py; where a
-diffusers scheduler deviates (PNDM's start, DDIM's off-grid prev_timestep, DPM-Solver's lower-order steps,
-ancestral noise drawn even at the last step) the diffusers behaviour is reproduced. numpy only.
+A sampler name is a sampler label, optionally followed by a schedule type: "DPM++ 2M", "DPM++ 2M Karras",
+"Euler SGM Uniform" (A1111's pre-1.9 combined labels; "DPM++ 2M|Karras" also reads), or the sampler and
+schedule type apart, as A1111 1.9+ writes them: `resolve_sampler("DPM++ 2M", schedule="Karras")`.
+Canonical names are k-diffusion style, "dpmpp_2m" or "dpmpp_2m_karras". Each sampler reproduces one diffusers
+scheduler class (with config overrides); each schedule type is a diffusers config override of that class,
+offered only where diffusers has it.
+The samplers themselves are in samplers_basic.py, samplers_two_stage.py and samplers_multistep.py.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
-import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from collections.abc import Callable, Iterator
 
 import numpy as np
-from numpy.polynomial import Polynomial
 
-from .schedules import Schedule, SchedulerConfig, build_schedule
+from .noise_levels import Schedule, SchedulerConfig
+from .samplers_basic import (
+    Denoiser, NoiseFn, Steps, sample_ddim, sample_euler, sample_euler_ancestral, sample_lcm, sample_lms, sample_pndm,
+)
+from .samplers_multistep import sample_deis, sample_dpmpp_2m, sample_dpmpp_2m_sde, sample_unipc
+from .samplers_two_stage import (
+    sample_dpm_2, sample_dpm_2_ancestral, sample_dpmpp_2s_ancestral, sample_dpmpp_sde, sample_heun,
+)
+from .schedules import build_schedule, honours
 
-Denoiser = Callable[[np.ndarray, float, float], np.ndarray]
-NoiseFn = Callable[[tuple[int, ...]], np.ndarray]
-Steps = Iterator[np.ndarray]  # the latents after every model evaluation
-
-# Adams-Bashforth weights, newest eps first: PNDMScheduler.step_plms (PNDM paper eq. 12).
-PLMS_WEIGHTS = {
-    1: (1.0,),
-    2: (3 / 2, -1 / 2),
-    3: (23 / 12, -16 / 12, 5 / 12),
-    4: (55 / 24, -59 / 24, 37 / 24, -9 / 24),
-}
-LMS_ORDER = 4  # LMSDiscreteScheduler.step(order=4), k-diffusion sample_lms(order=4)
-
-
-def to_d(x: np.ndarray, sigma: float, denoised: np.ndarray) -> np.ndarray:
-    """Karras ODE derivative dx/dsigma, i.e. the eps the model predicted (k-diffusion to_d)."""
-    return (x - denoised) / sigma
-
-
-def get_ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
-    """Split a step into deterministic sigma_down and fresh-noise sigma_up (k-diffusion get_ancestral_step)."""
-    if not eta:
-        return sigma_to, 0.0
-    sigma_up = min(sigma_to, eta * math.sqrt(sigma_to**2 * (sigma_from**2 - sigma_to**2) / sigma_from**2))
-    return math.sqrt(sigma_to**2 - sigma_up**2), sigma_up
-
-
-def relabel(x: np.ndarray, sigma: float, new_sigma: float) -> np.ndarray:
-    """Re-read the same VP latents (x / sqrt(1 + sigma^2)) as VE latents at another noise level."""
-    if sigma == new_sigma:
-        return x
-    return x * (math.sqrt(1.0 + new_sigma**2) / math.sqrt(1.0 + sigma**2))
-
-
-def _need_noise(noise: NoiseFn | None, name: str) -> NoiseFn:
-    """Return `noise`, or raise if a stochastic sampler was given none."""
-    if noise is None:
-        raise ValueError(f"{name} draws fresh noise every step: pass noise(shape)")
-    return noise
-
-
-def _transfer_levels(schedule: Schedule) -> tuple[list[float], list[float]]:
-    """Each step's (from, to) levels; the plain grid unless diffusers' prev_timestep leaves it."""
-    sigmas = schedule.sigmas
-    s_from = sigmas[:-1] if schedule.sigmas_from is None else schedule.sigmas_from
-    s_to = sigmas[1:] if schedule.sigmas_to is None else schedule.sigmas_to
-    return [float(s) for s in s_from], [float(s) for s in s_to]
-
-
-def sample_euler(model: Denoiser, x: np.ndarray, schedule: Schedule, noise: NoiseFn | None = None) -> Steps:
-    """Euler's method on the probability-flow ODE (EulerDiscreteScheduler with s_churn=0)."""
-    sigmas, ts = schedule.sigmas.tolist(), schedule.timesteps.tolist()
-    for i, t in enumerate(ts):
-        denoised = model(x, sigmas[i], t)
-        x = x + to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
-        yield x
-
-
-def sample_euler_ancestral(
-    model: Denoiser, x: np.ndarray, schedule: Schedule, noise: NoiseFn | None = None, eta: float = 1.0
-) -> Steps:
-    """Ancestral Euler (EulerAncestralDiscreteScheduler); noise is drawn every step, as diffusers does."""
-    noise = _need_noise(noise, "sample_euler_ancestral")
-    sigmas, ts = schedule.sigmas.tolist(), schedule.timesteps.tolist()
-    for i, t in enumerate(ts):
-        denoised = model(x, sigmas[i], t)
-        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta)
-        x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
-        # diffusers draws randn even for the last step (sigma_up = 0); k-diffusion skips it.
-        x = x + noise(x.shape) * sigma_up
-        yield x
-
-
-def sample_ddim(
-    model: Denoiser, x: np.ndarray, schedule: Schedule, noise: NoiseFn | None = None, eta: float = 0.0
-) -> Steps:
-    """DDIM (Song et al. 2020 eq. 12): in VE space an ancestral Euler step, deterministic at eta = 0."""
-    sigmas, ts = schedule.sigmas.tolist(), schedule.timesteps.tolist()
-    s_from, s_to = _transfer_levels(schedule)
-    if eta > 0:
-        noise = _need_noise(noise, "sample_ddim with eta > 0")
-    for i, t in enumerate(ts):
-        eps = to_d(x, sigmas[i], model(x, sigmas[i], t))
-        x = relabel(x, sigmas[i], s_from[i])
-        # DDIMScheduler.step: x_prev = sqrt(a') x0 + sqrt(1 - a' - std^2) eps + std z, divided by sqrt(a').
-        sigma_down, sigma_up = get_ancestral_step(s_from[i], s_to[i], eta)
-        x = x + eps * (sigma_down - s_from[i])
-        if eta > 0:
-            x = x + noise(x.shape) * sigma_up
-        x = relabel(x, s_to[i], sigmas[i + 1])
-        yield x
-
-
-def _plms_eps(history: list[np.ndarray]) -> np.ndarray:
-    """Adams-Bashforth combination of up to four eps, oldest first in `history`."""
-    weights = PLMS_WEIGHTS[len(history)]
-    return sum(w * e for w, e in zip(weights, reversed(history)))
-
-
-def sample_pndm(model: Denoiser, x: np.ndarray, schedule: Schedule, noise: NoiseFn | None = None) -> Steps:
-    """PLMS as PNDMScheduler(skip_prk_steps=True) runs it: each step is a DDIM transfer of a multistep eps.
-
-    Evaluation 1 re-steps the first latents with the mean of the first two eps (a Heun-like start) and
-    that eps is not kept; diffusers' `ets` history holds eps 0, 2, 3, ... and keeps the newest four.
-    """
-    sigmas, ts = schedule.sigmas.tolist(), schedule.timesteps.tolist()
-    s_from, s_to = _transfer_levels(schedule)
-    history, x_first = [], x
-    for i, t in enumerate(ts):
-        eps = to_d(x, sigmas[i], model(x, sigmas[i], t))
-        if i == 1:
-            eps, x, sigma = (eps + history[-1]) / 2, x_first, sigmas[0]
-        else:
-            history = history[-3:] + [eps]
-            eps, sigma = _plms_eps(history), sigmas[i]
-        x = relabel(x, sigma, s_from[i])
-        # PNDM paper eq. 9 (_get_prev_sample) is the DDIM transfer: in VE space x += (sigma' - sigma) eps.
-        x = x + eps * (s_to[i] - s_from[i])
-        x = relabel(x, s_to[i], sigmas[i + 1])
-        yield x
-
-
-def _lms_coefficient(sigmas: list[float], i: int, order: int, j: int) -> float:
-    """Integral over [sigma_i, sigma_i+1] of the Lagrange basis polynomial j (k-diffusion linear_multistep_coeff)."""
-    basis = Polynomial([1.0])
-    for k in range(order):
-        if k != j:
-            basis *= Polynomial([-sigmas[i - k], 1.0]) / (sigmas[i - j] - sigmas[i - k])
-    antiderivative = basis.integ()
-    return float(antiderivative(sigmas[i + 1]) - antiderivative(sigmas[i]))
-
-
-def sample_lms(
-    model: Denoiser, x: np.ndarray, schedule: Schedule, noise: NoiseFn | None = None, order: int = LMS_ORDER
-) -> Steps:
-    """Linear multistep over sigma (LMSDiscreteScheduler); exact polynomial integrals instead of quad."""
-    sigmas, ts = schedule.sigmas.tolist(), schedule.timesteps.tolist()
-    ds = []
-    for i, t in enumerate(ts):
-        ds = (ds + [to_d(x, sigmas[i], model(x, sigmas[i], t))])[-order:]
-        cur_order = min(i + 1, order)
-        coeffs = [_lms_coefficient(sigmas, i, cur_order, j) for j in range(cur_order)]
-        x = x + sum(c * d for c, d in zip(coeffs, reversed(ds)))
-        yield x
-
-
-def sample_dpmpp_2m(model: Denoiser, x: np.ndarray, schedule: Schedule, noise: NoiseFn | None = None) -> Steps:
-    """DPM-Solver++(2M) (Lu et al. 2022 alg. 2), orders per step from the schedule (diffusers' lower_order rules)."""
-    sigmas, ts = schedule.sigmas.tolist(), schedule.timesteps.tolist()
-    orders = schedule.orders or (1,) + (2,) * (len(ts) - 1)
-    old_denoised = None
-    for i, t in enumerate(ts):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma, t)
-        if orders[i] == 1 or old_denoised is None or sigma_next in (0.0, sigma):
-            denoised_d = denoised  # first order; with h = 0 (Karras + sigma_min final) the step is a no-op
-        else:
-            # r = h_last / h with lambda = -log(sigma); k-diffusion sample_dpmpp_2m.
-            r = math.log(sigmas[i - 1] / sigma) / math.log(sigma / sigma_next)
-            denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-        # exp(-h) = sigma_next / sigma, so the data-prediction update needs no log (and allows sigma_next = 0).
-        ratio = sigma_next / sigma
-        x = ratio * x + (1 - ratio) * denoised_d
-        old_denoised = denoised
-        yield x
+__all__ = [
+    "SAMPLERS", "SCHEDULE_TYPES", "SamplerSpec", "ScheduleType", "resolve_sampler", "make_schedule", "sample",
+    "sampler_label", "schedule_label", "scheduler_for", "schedule_types_for",
+]
 
 
 @dataclass(frozen=True)
@@ -195,64 +42,154 @@ class SamplerSpec:
     scheduler: str
     options: dict = field(default_factory=dict)
     label: str = ""  # the AUTOMATIC1111 web UI name
+    aliases: tuple[str, ...] = ()  # A1111's k-diffusion names, other spellings
+    # False where diffusers has no such scheduler and `scheduler` only supplies the schedule (DPM++ 2S a).
+    is_diffusers_scheduler: bool = True
+
+
+@dataclass(frozen=True)
+class ScheduleType:
+    """An A1111 schedule type as the diffusers config override that produces it."""
+
+    label: str
+    options: dict
 
 
 SAMPLERS = {
-    "pndm": SamplerSpec(sample_pndm, "PNDMScheduler", label="PLMS"),
+    "pndm": SamplerSpec(sample_pndm, "PNDMScheduler", label="PLMS", aliases=("plms",)),
     "ddim": SamplerSpec(sample_ddim, "DDIMScheduler", label="DDIM"),
-    "euler": SamplerSpec(sample_euler, "EulerDiscreteScheduler", label="Euler"),
-    "euler_ancestral": SamplerSpec(sample_euler_ancestral, "EulerAncestralDiscreteScheduler", label="Euler a"),
-    "lms": SamplerSpec(sample_lms, "LMSDiscreteScheduler", label="LMS"),
-    "lms_karras": SamplerSpec(sample_lms, "LMSDiscreteScheduler", {"use_karras_sigmas": True}, "LMS Karras"),
-    "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, "DPMSolverMultistepScheduler", label="DPM++ 2M"),
-    "dpmpp_2m_karras": SamplerSpec(
-        sample_dpmpp_2m, "DPMSolverMultistepScheduler", {"use_karras_sigmas": True}, "DPM++ 2M Karras"
+    "euler": SamplerSpec(sample_euler, "EulerDiscreteScheduler", label="Euler", aliases=("k_euler",)),
+    "euler_ancestral": SamplerSpec(
+        sample_euler_ancestral, "EulerAncestralDiscreteScheduler", label="Euler a", aliases=("euler_a", "k_euler_a")
     ),
+    "lms": SamplerSpec(sample_lms, "LMSDiscreteScheduler", label="LMS", aliases=("k_lms",)),
+    "heun": SamplerSpec(sample_heun, "HeunDiscreteScheduler", label="Heun", aliases=("k_heun",)),
+    "dpm_2": SamplerSpec(sample_dpm_2, "KDPM2DiscreteScheduler", label="DPM2", aliases=("k_dpm_2",)),
+    "dpm_2_ancestral": SamplerSpec(
+        sample_dpm_2_ancestral, "KDPM2AncestralDiscreteScheduler", label="DPM2 a", aliases=("k_dpm_2_a",)
+    ),
+    "dpmpp_2s_ancestral": SamplerSpec(
+        sample_dpmpp_2s_ancestral, "KDPM2AncestralDiscreteScheduler", label="DPM++ 2S a",
+        aliases=("k_dpmpp_2s_a",), is_diffusers_scheduler=False,
+    ),
+    "dpmpp_sde": SamplerSpec(sample_dpmpp_sde, "DPMSolverSDEScheduler", label="DPM++ SDE", aliases=("k_dpmpp_sde",)),
+    "dpmpp_2m": SamplerSpec(sample_dpmpp_2m, "DPMSolverMultistepScheduler", label="DPM++ 2M", aliases=("k_dpmpp_2m",)),
+    "dpmpp_2m_sde": SamplerSpec(
+        sample_dpmpp_2m_sde, "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"},
+        "DPM++ 2M SDE", aliases=("k_dpmpp_2m_sde",),
+    ),
+    "dpmpp_2m_sde_heun": SamplerSpec(
+        functools.partial(sample_dpmpp_2m_sde, solver_type="heun"), "DPMSolverMultistepScheduler",
+        {"algorithm_type": "sde-dpmsolver++", "solver_type": "heun"}, "DPM++ 2M SDE Heun",
+    ),
+    "unipc": SamplerSpec(sample_unipc, "UniPCMultistepScheduler", label="UniPC"),
+    "deis": SamplerSpec(sample_deis, "DEISMultistepScheduler", label="DEIS"),
+    "lcm": SamplerSpec(sample_lcm, "LCMScheduler", label="LCM"),
 }
 
-_ALIASES = {"plms": "pndm", "euler_a": "euler_ancestral", "k_euler": "euler", "k_euler_a": "euler_ancestral"}
+AUTOMATIC = "Automatic"  # A1111's schedule type meaning "the sampler's own": no override
+SCHEDULE_TYPES = {
+    "karras": ScheduleType("Karras", {"use_karras_sigmas": True}),
+    "exponential": ScheduleType("Exponential", {"use_exponential_sigmas": True}),
+    # A1111's sgm_uniform (generative-models' discretization) is diffusers' trailing spacing (its scheduler docs).
+    "sgm_uniform": ScheduleType("SGM Uniform", {"timestep_spacing": "trailing"}),
+}
 
 
 def _normalize(name: str) -> str:
     """Lower-case, '+' as 'p', spaces and dashes as '_': 'DPM++ 2M Karras' -> 'dpmpp_2m_karras'."""
-    return "_".join(name.strip().lower().replace("+", "p").replace("-", " ").split())
+    return "_".join(name.strip().lower().replace("+", "p").replace("-", " ").replace("|", " ").split())
 
 
-def _alias_table() -> dict[str, str]:
-    """Every accepted spelling (normalized) mapped to its canonical name."""
-    table = {name: name for name in SAMPLERS}
-    table.update(_ALIASES)
+@functools.cache
+def _sampler_aliases() -> dict[str, str]:
+    """Every accepted sampler spelling (normalized) mapped to its canonical name."""
+    table = {}
     for name, spec in SAMPLERS.items():
-        table[_normalize(spec.label)] = name
-        if not spec.options:
+        table.update({_normalize(a): name for a in (name, spec.label, *spec.aliases)})
+        if spec.is_diffusers_scheduler and not spec.options:
             table[spec.scheduler.lower()] = name
     return table
 
 
-def resolve_sampler(name: str) -> str:
-    """Canonical sampler name for an A1111 label, diffusers-ish or canonical name, case-insensitively."""
-    canonical = _alias_table().get(_normalize(name))
-    if canonical is None:
-        valid = ", ".join(f"{n!r} ({s.label!r})" for n, s in SAMPLERS.items())
-        raise ValueError(f"unknown sampler {name!r}; expected one of {valid}")
-    return canonical
+def _schedule_key(schedule: str | None) -> str | None:
+    """Canonical schedule type of a label ('Karras', 'sgm_uniform'...); None for Automatic or None."""
+    if schedule is None or _normalize(schedule) in ("", _normalize(AUTOMATIC)):
+        return None
+    key = _normalize(schedule)
+    if key not in SCHEDULE_TYPES:
+        valid = ", ".join(repr(t.label) for t in SCHEDULE_TYPES.values())
+        raise ValueError(f"unknown schedule type {schedule!r}; expected {AUTOMATIC!r} or one of {valid}")
+    return key
+
+
+def _split(name: str) -> tuple[str, str | None]:
+    """(canonical sampler, schedule type or None) of a sampler name that may end with a schedule type."""
+    key, aliases = _normalize(name), _sampler_aliases()
+    if key in aliases:
+        return aliases[key], None
+    for schedule in SCHEDULE_TYPES:
+        prefix = key.removesuffix("_" + schedule)
+        if prefix != key and prefix in aliases:
+            return aliases[prefix], schedule
+    valid = ", ".join(f"{n!r} ({s.label!r})" for n, s in SAMPLERS.items())
+    raise ValueError(f"unknown sampler {name!r}; expected one of {valid}, optionally followed by a schedule type")
+
+
+def schedule_types_for(sampler: str) -> list[str]:
+    """The schedule types (canonical) diffusers offers for a sampler's scheduler class."""
+    scheduler = SAMPLERS[_split(sampler)[0]].scheduler
+    return [key for key, schedule_type in SCHEDULE_TYPES.items() if honours(scheduler, schedule_type.options)]
+
+
+def resolve_sampler(name: str, schedule: str | None = None) -> str:
+    """Canonical name ('dpmpp_2m_karras') of an A1111 / k-diffusion / diffusers sampler name, case-insensitively,
+    with the schedule type inside the name or given apart (None or 'Automatic': the sampler's own)."""
+    sampler, embedded = _split(name)
+    given = _schedule_key(schedule)
+    if embedded and given and embedded != given:
+        raise ValueError(f"sampler {name!r} already names schedule type {embedded!r}, got schedule {schedule!r}")
+    chosen = embedded or given
+    if chosen is None:
+        return sampler
+    if chosen not in schedule_types_for(sampler):
+        offered = ", ".join(SCHEDULE_TYPES[k].label for k in schedule_types_for(sampler)) or "none"
+        raise ValueError(
+            f"{SAMPLERS[sampler].label} has no {SCHEDULE_TYPES[chosen].label} schedule in diffusers "
+            f"({SAMPLERS[sampler].scheduler}); offered: {offered}"
+        )
+    return f"{sampler}_{chosen}"
+
+
+def scheduler_for(name: str) -> tuple[str, dict]:
+    """The diffusers scheduler class and from_config overrides a sampler name reproduces."""
+    sampler, schedule = _split(resolve_sampler(name))
+    spec = SAMPLERS[sampler]
+    return spec.scheduler, {**spec.options, **(SCHEDULE_TYPES[schedule].options if schedule else {})}
 
 
 def make_schedule(name: str, config: SchedulerConfig, steps: int) -> Schedule:
     """The schedule that `name`'s diffusers scheduler builds in set_timesteps(steps)."""
-    spec = SAMPLERS[resolve_sampler(name)]
-    return build_schedule(spec.scheduler, config, steps, **spec.options)
+    scheduler, overrides = scheduler_for(name)
+    return build_schedule(scheduler, config, steps, **overrides)
 
 
 def sample(
     name: str, model: Denoiser, x: np.ndarray, schedule: Schedule, noise: NoiseFn, eta: float | None = None
 ) -> Steps:
     """Run the named sampler; `eta` (None: the sampler's own default) goes to the samplers that take one."""
-    fn = SAMPLERS[resolve_sampler(name)].fn
+    fn = SAMPLERS[_split(resolve_sampler(name))[0]].fn
     takes_eta = "eta" in inspect.signature(fn).parameters
     return fn(model, x, schedule, noise, **({"eta": eta} if eta is not None and takes_eta else {}))
 
 
 def sampler_label(name: str) -> str:
-    """The AUTOMATIC1111 label of a sampler (what PNG parameters and progress bars show)."""
-    return SAMPLERS[resolve_sampler(name)].label
+    """A1111's combined label ('DPM++ 2M Karras'): what PNG parameters and progress bars show."""
+    sampler, schedule = _split(resolve_sampler(name))
+    return " ".join([SAMPLERS[sampler].label] + ([SCHEDULE_TYPES[schedule].label] if schedule else []))
+
+
+def schedule_label(name: str) -> str:
+    """A1111 1.9+'s separate 'Schedule type' field: 'Karras', ..., or 'Automatic'."""
+    schedule = _split(resolve_sampler(name))[1]
+    return SCHEDULE_TYPES[schedule].label if schedule else AUTOMATIC

@@ -1,217 +1,66 @@
-"""Noise schedules replicating diffusers' `set_timesteps`, expressed as VE (k-diffusion) sigmas.
+"""Noise schedules replicating each diffusers scheduler class's `set_timesteps`, expressed as VE (k-diffusion) sigmas.
 
-Every number that diffusers computes in float32 torch is reproduced bit for bit in float32 numpy
-(betas, alphas_cumprod, interpolated sigmas), then carried as float64, so that the numpy samplers
-can match diffusers' schedulers step by step. numpy only: this module must not import torch.
+One builder per diffusers class, `builder(config, steps) -> Schedule`; the numbers they start from (training
+betas, spacings, Karras/exponential sigmas) are in `noise_levels.py`. numpy only: this module must not import torch.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
-from dataclasses import dataclass
-
 import numpy as np
 
-F32 = np.float32
+from .noise_levels import (
+    F32,
+    SAMPLER_CHOSEN,
+    Schedule,
+    SchedulerConfig,
+    alphas_cumprod,
+    convert_sigmas,
+    log_midpoint_f32,
+    multistep_timesteps,
+    sigma_to_t,
+    spaced_timesteps,
+    train_sigmas,
+    ve_init_noise_sigma,
+    vp_init_noise_sigma,
+    vp_to_ve,
+)
 
-# Each diffusers scheduler class's own `timestep_spacing` default, used when the config has no such key
-# (SD1.5's scheduler_config.json has none).
-DEFAULT_SPACING = {
-    "PNDMScheduler": "leading",
-    "DDIMScheduler": "leading",
-    "EulerDiscreteScheduler": "linspace",
-    "EulerAncestralDiscreteScheduler": "linspace",
-    "LMSDiscreteScheduler": "linspace",
-    "DPMSolverMultistepScheduler": "linspace",
-}
+__all__ = ["Schedule", "SchedulerConfig", "build_schedule", "BUILDERS", "alphas_cumprod"]
 
 # Config flags each diffusers class honours that this module does not reproduce (only False is supported).
 UNSUPPORTED_FLAGS = {
-    "DDIMScheduler": ("clip_sample", "thresholding", "rescale_betas_zero_snr"),
-    "DPMSolverMultistepScheduler": ("thresholding", "rescale_betas_zero_snr"),
-    "EulerDiscreteScheduler": ("rescale_betas_zero_snr",),
-    "EulerAncestralDiscreteScheduler": ("rescale_betas_zero_snr",),
+    "DDIMScheduler": ("clip_sample", "thresholding"),
+    "LCMScheduler": ("clip_sample", "thresholding", "rescale_betas_zero_snr"),
+    "HeunDiscreteScheduler": ("clip_sample",),
+    "DPMSolverMultistepScheduler": ("thresholding",),
+    "UniPCMultistepScheduler": ("thresholding",),
+    "DEISMultistepScheduler": ("thresholding",),
 }
 
+# Classes whose __init__ honours rescale_betas_zero_snr (the others ignore the key, and so do we). DDIM keeps
+# alphas_cumprod[-1] = 0 there; we clamp it to 2**-24 like the others (see noise_levels), which VE space needs.
+ZERO_SNR_CLASSES = frozenset({
+    "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+    "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+})
 
-@dataclass(frozen=True)
-class SchedulerConfig:
-    """The scheduler_config.json fields that shape the schedule; defaults (and missing keys) are SD1.5's values."""
+# Classes with use_karras_sigmas / use_exponential_sigmas in diffusers 0.42 (not DDIM, PNDM, Euler a, LCM).
+SIGMA_KIND_CLASSES = frozenset({
+    "EulerDiscreteScheduler", "LMSDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler", "DPMSolverSDEScheduler", "DPMSolverMultistepScheduler",
+    "UniPCMultistepScheduler", "DEISMultistepScheduler",
+})
 
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    beta_schedule: str = "scaled_linear"
-    trained_betas: tuple[float, ...] | None = None
-    steps_offset: int = 1
-    timestep_spacing: str | None = None
-    set_alpha_to_one: bool = False
-    prediction_type: str = "epsilon"
-    # DPMSolverMultistepScheduler / EulerDiscreteScheduler (their class defaults).
-    lower_order_final: bool = True
-    euler_at_final: bool = False
-    final_sigmas_type: str = "zero"
-    # Read only to refuse them: see UNSUPPORTED_FLAGS.
-    clip_sample: bool = False
-    thresholding: bool = False
-    rescale_betas_zero_snr: bool = False
-
-    @classmethod
-    def from_dict(cls, d: dict) -> SchedulerConfig:
-        """Build from a diffusers scheduler_config.json dict, ignoring unknown keys."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in names}
-        if kwargs.get("trained_betas") is not None:
-            kwargs["trained_betas"] = tuple(kwargs["trained_betas"])
-        return cls(**kwargs)
-
-    def spacing(self, scheduler: str) -> str:
-        """The timestep spacing diffusers' `scheduler` class uses with this config."""
-        return self.timestep_spacing or DEFAULT_SPACING[scheduler]
+# Classes whose timesteps ignore config.timestep_spacing (LCM picks from its own 50-step grid): no SGM Uniform.
+NO_SPACING_CLASSES = frozenset({"LCMScheduler"})
 
 
-@dataclass(frozen=True, eq=False)
-class Schedule:
-    """Noise levels and UNet timesteps for one sampling run, in VE space (x = x0 + sigma * eps).
-
-    sigmas[i] is the level the latents are at when the model sees them at evaluation i (timesteps[i]);
-    sigmas[-1] is the level of the returned latents (0, or the final alpha of DDIM/PNDM), so the
-    caller recovers diffusers' latents as x / sqrt(1 + sigmas[-1]**2).
-    sigmas_from / sigmas_to: the interval each DDIM/PNDM step integrates over; they differ from
-    sigmas[:-1] / sigmas[1:] where diffusers' prev_timestep = t - T // steps leaves the timestep grid.
-    orders: the solver order of each step for multistep samplers (DPM-Solver++).
-    """
-
-    sigmas: np.ndarray
-    timesteps: np.ndarray
-    init_noise_sigma: float
-    sigmas_from: np.ndarray | None = None
-    sigmas_to: np.ndarray | None = None
-    orders: tuple[int, ...] | None = None
-
-    def __post_init__(self):
-        n = len(self.timesteps)
-        if len(self.sigmas) != n + 1:
-            raise ValueError(f"expected {n + 1} sigmas for {n} timesteps, got {len(self.sigmas)}")
-        for name in ("sigmas_from", "sigmas_to", "orders"):
-            value = getattr(self, name)
-            if value is not None and len(value) != n:
-                raise ValueError(f"expected {n} {name}, got {len(value)}")
-
-    @property
-    def steps(self) -> int:
-        """Number of model evaluations."""
-        return len(self.timesteps)
+def _abar(config: SchedulerConfig, scheduler: str) -> np.ndarray:
+    """alphas_cumprod as `scheduler`'s __init__ computes it from this config."""
+    return alphas_cumprod(config, zero_snr=config.rescale_betas_zero_snr and scheduler in ZERO_SNR_CLASSES)
 
 
-# ---- training noise schedule (diffusers' __init__) ----
-
-
-def _torch_linspace_f32(start: float, end: float, n: int) -> np.ndarray:
-    """torch.linspace(start, end, n, dtype=float32) bit for bit: fused start + step*i, symmetric halves."""
-    start32, end32 = F32(start), F32(end)
-    step = np.float64((end32 - start32) / F32(n - 1))
-    i = np.arange(n)
-    low = (np.float64(start32) + step * i).astype(F32)
-    high = (np.float64(end32) - step * (n - 1 - i)).astype(F32)
-    return np.where(i < n // 2, low, high)
-
-
-def _cosine_betas(n: int, max_beta: float = 0.999) -> np.ndarray:
-    """diffusers' betas_for_alpha_bar (squaredcos_cap_v2), Nichol & Dhariwal 2021 eq. 17."""
-
-    def alpha_bar(t):
-        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-
-    betas = [min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), max_beta) for i in range(n)]
-    return np.asarray(betas, dtype=F32)
-
-
-def betas(config: SchedulerConfig) -> np.ndarray:
-    """The float32 training betas, as diffusers' scheduler __init__ computes them."""
-    n = config.num_train_timesteps
-    if config.trained_betas is not None:
-        return np.asarray(config.trained_betas, dtype=F32)
-    if config.beta_schedule == "linear":
-        return _torch_linspace_f32(config.beta_start, config.beta_end, n)
-    if config.beta_schedule == "scaled_linear":
-        return _torch_linspace_f32(config.beta_start**0.5, config.beta_end**0.5, n) ** 2
-    if config.beta_schedule == "squaredcos_cap_v2":
-        return _cosine_betas(n)
-    raise NotImplementedError(f"beta_schedule {config.beta_schedule!r} is not supported")
-
-
-def alphas_cumprod(config: SchedulerConfig) -> np.ndarray:
-    """float32 cumulative product of 1 - beta; torch.cumprod accumulates float32 in double on CPU."""
-    alphas = F32(1.0) - betas(config)
-    return np.cumprod(alphas.astype(np.float64)).astype(F32)
-
-
-def _train_sigmas(ac: np.ndarray) -> np.ndarray:
-    """float32 VE sigma of every training timestep, sqrt((1 - abar) / abar)."""
-    return ((F32(1) - ac) / ac) ** F32(0.5)
-
-
-def _vp_to_ve(abar: float) -> float:
-    """VE noise level of a VP alpha-bar, computed in float64."""
-    abar = float(abar)
-    return math.sqrt((1.0 - abar) / abar)
-
-
-# ---- timestep spacing (Table 2 of arXiv:2305.08891, as each diffusers class implements it) ----
-
-
-def _spaced_timesteps(spacing: str, config: SchedulerConfig, steps: int, *, round_linspace: bool) -> np.ndarray:
-    """Descending timesteps for PNDM/DDIM (rounded linspace) and Euler/LMS (float32 linspace)."""
-    T = config.num_train_timesteps
-    if spacing == "linspace":
-        t = np.linspace(0, T - 1, steps)[::-1]
-        return t.round() if round_linspace else t.astype(F32).astype(np.float64)
-    if spacing == "leading":
-        return (np.arange(steps) * (T // steps)).round()[::-1] + config.steps_offset
-    if spacing == "trailing":
-        return np.round(np.arange(T, 0, -T / steps)) - 1
-    raise ValueError(f"timestep_spacing {spacing!r} is not one of 'linspace', 'leading', 'trailing'")
-
-
-def _dpm_timesteps(spacing: str, config: SchedulerConfig, steps: int) -> np.ndarray:
-    """DPMSolverMultistepScheduler's spacing: n + 1 points with the last (t = 0) dropped."""
-    T = config.num_train_timesteps
-    if spacing == "linspace":
-        return np.linspace(0, T - 1, steps + 1).round()[::-1][:-1]
-    if spacing == "leading":
-        return (np.arange(steps + 1) * (T // (steps + 1))).round()[::-1][:-1] + config.steps_offset
-    return _spaced_timesteps(spacing, config, steps, round_linspace=True)
-
-
-# ---- Karras sigmas (Karras et al. 2022 eq. 5, rho = 7) ----
-
-
-def _karras_sigmas(sigma_min: float, sigma_max: float, steps: int, rho: float = 7.0) -> np.ndarray:
-    """diffusers' _convert_to_karras (same expression order, float64)."""
-    ramp = np.linspace(0, 1, steps)
-    min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    return (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
-
-
-def _sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
-    """diffusers' _sigma_to_t: piecewise-linear inverse of log sigma over the training timesteps."""
-    log_sigma = np.log(np.maximum(sigma, 1e-10))
-    dists = log_sigma - log_sigmas[:, np.newaxis]
-    low_idx = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
-    high_idx = low_idx + 1
-    low, high = log_sigmas[low_idx], log_sigmas[high_idx]
-    w = np.clip((low - log_sigma) / (low - high), 0, 1)
-    return (1 - w) * low_idx + w * high_idx
-
-
-# ---- schedule builders, one per diffusers class ----
-
-
-def _vp_init_noise_sigma(sigma0: float) -> float:
-    """VP schedulers start from randn * 1, which is randn * sqrt(1 + sigma0^2) in VE space."""
-    return math.sqrt(1.0 + sigma0**2)
+# ---- DDIM / PNDM: integer timesteps, VP final alpha, off-grid step targets ----
 
 
 def ddim_schedule(config: SchedulerConfig, steps: int) -> Schedule:
@@ -225,17 +74,17 @@ def pndm_schedule(config: SchedulerConfig, steps: int) -> Schedule:
 
 
 def _ddpm_family(config: SchedulerConfig, steps: int, scheduler: str, *, repeat_second: bool) -> Schedule:
-    """Shared DDIM/PNDM schedule: integer timesteps, VP final alpha, off-grid step targets."""
+    """Shared DDIM/PNDM schedule."""
     if steps > config.num_train_timesteps:
         raise ValueError(f"steps must be <= num_train_timesteps={config.num_train_timesteps}, got {steps}")
-    ac = alphas_cumprod(config)
+    ac = _abar(config, scheduler)
     final = 1.0 if config.set_alpha_to_one else float(ac[0])
     ratio = config.num_train_timesteps // steps
 
     def sigma_at(t: int) -> float:
-        return _vp_to_ve(ac[t] if t >= 0 else final)
+        return vp_to_ve(ac[t] if t >= 0 else final)
 
-    grid = _spaced_timesteps(config.spacing(scheduler), config, steps, round_linspace=True).astype(np.int64)
+    grid = spaced_timesteps(config.spacing(scheduler), config, steps, linspace="round").astype(np.int64)
     ts = list(grid)
     prev = [t - ratio for t in ts]
     start = list(ts)
@@ -247,9 +96,10 @@ def _ddpm_family(config: SchedulerConfig, steps: int, scheduler: str, *, repeat_
     sigmas_to = np.array([sigma_at(t) for t in prev])
     sigmas = np.array([sigma_at(t) for t in ts] + [sigmas_to[-1]])
     sigmas_from = np.array([sigma_at(t) for t in start])
-    return Schedule(
-        sigmas, np.array(ts, dtype=np.float64), _vp_init_noise_sigma(sigmas[0]), sigmas_from, sigmas_to
-    )
+    return Schedule(sigmas, np.array(ts, dtype=np.float64), vp_init_noise_sigma(sigmas[0]), sigmas_from, sigmas_to)
+
+
+# ---- the Euler family: sigmas interpolated at float timesteps ----
 
 
 def _final_sigma(config: SchedulerConfig, ac: np.ndarray) -> F32:
@@ -261,69 +111,204 @@ def _final_sigma(config: SchedulerConfig, ac: np.ndarray) -> F32:
     raise ValueError(f"final_sigmas_type {config.final_sigmas_type!r} is not 'zero' or 'sigma_min'")
 
 
-def _ve_init_noise_sigma(sigmas: np.ndarray, spacing: str) -> float:
-    """Euler/LMS init_noise_sigma: max sigma, or sqrt(max^2 + 1) for 'leading' spacing (float32)."""
-    top = sigmas.max()
-    return float(top if spacing in ("linspace", "trailing") else (top**2 + F32(1)) ** F32(0.5))
+def _interp_grid(config: SchedulerConfig, steps: int, scheduler: str, *, round_t: bool = False, linspace="float32"):
+    """(sigmas without the final one, float64; timesteps; training sigmas) of the Euler family's set_timesteps.
+
+    round_t: the class rounds timesteps inverted from Karras sigmas (KDPM2, KDPM2A).
+    """
+    train = train_sigmas(_abar(config, scheduler))
+    timesteps = spaced_timesteps(config.spacing(scheduler), config, steps, linspace=linspace)
+    sigmas = np.interp(timesteps, np.arange(len(train)), train)
+    kind = config.sigma_kind()
+    if kind:
+        sigmas = convert_sigmas(kind, sigmas, steps)
+        timesteps = sigma_to_t(sigmas, np.log(train))
+        if round_t and kind == "karras":
+            timesteps = timesteps.round()
+    return sigmas, timesteps, train
 
 
 def euler_schedule(config: SchedulerConfig, steps: int, scheduler: str = "EulerDiscreteScheduler") -> Schedule:
-    """EulerDiscreteScheduler / EulerAncestralDiscreteScheduler.set_timesteps (linear interpolation)."""
-    return _interp_schedule(config, steps, scheduler, karras=False)
-
-
-def lms_schedule(config: SchedulerConfig, steps: int, use_karras_sigmas: bool = False) -> Schedule:
-    """LMSDiscreteScheduler.set_timesteps, with or without Karras sigmas."""
-    return _interp_schedule(config, steps, "LMSDiscreteScheduler", karras=use_karras_sigmas)
-
-
-def _interp_schedule(config: SchedulerConfig, steps: int, scheduler: str, *, karras: bool) -> Schedule:
-    """Euler/LMS family: sigmas interpolated at float timesteps; Karras ramp between the picked ends."""
-    spacing = config.spacing(scheduler)
-    ac = alphas_cumprod(config)
-    train = _train_sigmas(ac)
-    timesteps = _spaced_timesteps(spacing, config, steps, round_linspace=False)
-    sigmas = np.interp(timesteps, np.arange(len(train)), train)
-    if karras:
-        sigmas = _karras_sigmas(float(sigmas[-1]), float(sigmas[0]), steps)
-        timesteps = _sigma_to_t(sigmas, np.log(train)).astype(F32).astype(np.float64)
+    """EulerDiscreteScheduler / EulerAncestralDiscreteScheduler / LMSDiscreteScheduler.set_timesteps."""
+    sigmas, timesteps, _ = _interp_grid(config, steps, scheduler)
     # Only EulerDiscreteScheduler honours final_sigmas_type; the others always append 0.
+    ac = _abar(config, scheduler)
     last = _final_sigma(config, ac) if scheduler == "EulerDiscreteScheduler" else F32(0)
     sigmas = np.concatenate([sigmas, [last]]).astype(F32)
-    return Schedule(sigmas.astype(np.float64), timesteps, _ve_init_noise_sigma(sigmas, spacing))
+    timesteps = timesteps.astype(F32).astype(np.float64)
+    return Schedule(sigmas.astype(np.float64), timesteps, ve_init_noise_sigma(sigmas, config.spacing(scheduler)))
 
 
-def dpm_multistep_schedule(config: SchedulerConfig, steps: int, use_karras_sigmas: bool = False) -> Schedule:
-    """DPMSolverMultistepScheduler(dpmsolver++, order 2).set_timesteps, with its lower-order rules."""
-    ac = alphas_cumprod(config)
-    train = _train_sigmas(ac)
-    timesteps = _dpm_timesteps(config.spacing("DPMSolverMultistepScheduler"), config, steps)
-    if use_karras_sigmas:
-        sigmas = _karras_sigmas(float(train[0]), float(train[-1]), steps)
-        timesteps = _sigma_to_t(sigmas, np.log(train))
-        if config.beta_schedule != "squaredcos_cap_v2":
-            timesteps = timesteps.round()  # diffusers rounds Karras timesteps to integers
+# ---- two-stage samplers: every step but the last (to sigma 0) evaluates at a second level ----
+
+
+def _interleave(steps: np.ndarray, stages: np.ndarray, final: float | None = None) -> np.ndarray:
+    """[steps[0], stages[0], steps[1], stages[1], ..., steps[-1]] (+ final): one entry per evaluation."""
+    out = np.empty(2 * len(steps) - 1)
+    out[0::2], out[1::2] = steps, stages
+    return out if final is None else np.append(out, final)
+
+
+def heun_schedule(config: SchedulerConfig, steps: int) -> Schedule:
+    """HeunDiscreteScheduler.set_timesteps: the second stage re-evaluates at the next step's level."""
+    sigmas, timesteps, _ = _interp_grid(config, steps, "HeunDiscreteScheduler")
+    sigmas = sigmas.astype(F32).astype(np.float64)
+    timesteps = timesteps.astype(F32).astype(np.float64)
+    init = ve_init_noise_sigma(sigmas, config.spacing("HeunDiscreteScheduler"))
+    return Schedule(_interleave(sigmas, sigmas[1:], 0.0), _interleave(timesteps, timesteps[1:]), init)
+
+
+def kdpm2_schedule(config: SchedulerConfig, steps: int) -> Schedule:
+    """KDPM2DiscreteScheduler.set_timesteps: the second stage at the log-midpoint of the step."""
+    sigmas, timesteps, train = _interp_grid(config, steps, "KDPM2DiscreteScheduler", round_t=True)
+    sigmas = sigmas.astype(F32)
+    mids = log_midpoint_f32(sigmas[1:], sigmas[:-1])
+    return _staged(config, "KDPM2DiscreteScheduler", sigmas, timesteps, mids, train)
+
+
+def kdpm2_ancestral_schedule(config: SchedulerConfig, steps: int) -> Schedule:
+    """KDPM2AncestralDiscreteScheduler.set_timesteps: the second stage between sigma and sigma_down.
+
+    Also the schedule of DPM++ 2S a, whose k-diffusion midpoint is the same (r = 1/2, eta = 1).
+    """
+    sigmas, timesteps, train = _interp_grid(config, steps, "KDPM2AncestralDiscreteScheduler", round_t=True)
+    sigmas = sigmas.astype(F32)
+    # sigma_down = sqrt(next^2 - up^2) cancels: diffusers' float32 loses ~6 bits at 3 steps and ~1% at 2, so it
+    # is computed in float64 (k-diffusion get_ancestral_step, eta 1) and only the stage level kept in float32.
+    s64 = sigmas.astype(np.float64)
+    nexts = np.append(s64[1:], 0.0)
+    ups = np.sqrt(nexts**2 * (s64**2 - nexts**2) / s64**2)
+    downs = np.sqrt(nexts**2 - ups**2)
+    mids = np.sqrt(s64[:-1] * downs[:-1]).astype(F32)  # exp(lerp(log sigma, log sigma_down, 1/2))
+    return _staged(config, "KDPM2AncestralDiscreteScheduler", sigmas, timesteps, mids, train)
+
+
+def dpm_sde_schedule(config: SchedulerConfig, steps: int) -> Schedule:
+    """DPMSolverSDEScheduler.set_timesteps: the second stage at the log-midpoint (timesteps kept float64)."""
+    sigmas, timesteps, train = _interp_grid(config, steps, "DPMSolverSDEScheduler", linspace="float64")
+    # Its stage timesteps come from the float64 sigmas; the stage level itself from float32 sigmas in step().
+    t = -np.log(sigmas)
+    stage_t = sigma_to_t(np.exp(-(t[:-1] + np.diff(t) * 0.5)), np.log(train))
+    s32 = sigmas.astype(F32)
+    t32 = -np.log(s32)
+    mids = np.exp(-(t32[:-1] + (t32[1:] - t32[:-1]) * F32(0.5)))
+    init = ve_init_noise_sigma(s32, config.spacing("DPMSolverSDEScheduler"))
+    levels = _interleave(s32.astype(np.float64), mids.astype(np.float64), 0.0)
+    return Schedule(levels, _interleave(timesteps, stage_t), init)
+
+
+def _staged(config, scheduler, sigmas, timesteps, mids, train) -> Schedule:
+    """KDPM2 / KDPM2A: interleave the float32 stage levels and their (float32-sigma) timesteps."""
+    stage_t = sigma_to_t(mids, np.log(train), dtype=F32)
+    if config.sigma_kind() is None:  # float32 linspace timesteps; Karras/exponential ones stay float64
+        timesteps, stage_t = timesteps.astype(F32), stage_t.astype(F32)
+    levels = _interleave(sigmas.astype(np.float64), mids.astype(np.float64), 0.0)
+    init = ve_init_noise_sigma(sigmas, config.spacing(scheduler))
+    return Schedule(levels, _interleave(timesteps, stage_t).astype(np.float64), init)
+
+
+# ---- multistep solvers: integer timesteps, VP latents ----
+
+
+def _multistep_grid(config: SchedulerConfig, steps: int, scheduler: str, *, round_karras: bool):
+    """(sigmas without the final one, float64; integer timesteps; alphas_cumprod) of DPM-Solver/UniPC/DEIS."""
+    ac = _abar(config, scheduler)
+    train = train_sigmas(ac)
+    timesteps = multistep_timesteps(config.spacing(scheduler), config, steps)
+    kind = config.sigma_kind()
+    if kind:
+        sigmas = convert_sigmas(kind, train[::-1], steps)
+        timesteps = sigma_to_t(sigmas, np.log(train))
+        if kind == "karras" and round_karras:
+            timesteps = timesteps.round()
     else:
         sigmas = np.interp(timesteps, np.arange(len(train)), train)
-    sigmas = np.concatenate([sigmas, [_final_sigma(config, ac)]]).astype(F32).astype(np.float64)
-    # step(): first order at the first step and, under lower_order_final, at the last.
+    # torch's .to(int64) truncates the float timesteps.
+    return sigmas, timesteps.astype(np.int64).astype(np.float64), ac
+
+
+def _vp_schedule(sigmas: np.ndarray, last: float, timesteps: np.ndarray, orders: list[int]) -> Schedule:
+    sigmas = np.append(sigmas, last).astype(F32).astype(np.float64)
+    return Schedule(sigmas, timesteps, vp_init_noise_sigma(sigmas[0]), orders=tuple(orders))
+
+
+def dpm_multistep_schedule(config: SchedulerConfig, steps: int) -> Schedule:
+    """DPMSolverMultistepScheduler(order 2).set_timesteps, with step()'s lower-order rules."""
+    round_karras = config.beta_schedule != "squaredcos_cap_v2"
+    sigmas, timesteps, ac = _multistep_grid(config, steps, "DPMSolverMultistepScheduler", round_karras=round_karras)
     n = len(timesteps)
+    # step(): first order at the first step and, under these conditions, at the last.
     final_first_order = (
         config.euler_at_final or (config.lower_order_final and n < 15) or config.final_sigmas_type == "zero"
     )
     orders = [1] + [2] * (n - 1)
     if final_first_order:
         orders[-1] = 1
-    timesteps = timesteps.astype(np.int64).astype(np.float64)
-    return Schedule(sigmas, timesteps, _vp_init_noise_sigma(sigmas[0]), orders=tuple(orders))
+    return _vp_schedule(sigmas, _final_sigma(config, ac), timesteps, orders)
 
 
-def build_schedule(scheduler: str, config: SchedulerConfig, steps: int, **options) -> Schedule:
-    """The schedule diffusers' `scheduler` class (with config overrides `options`) sets for `steps`."""
+def unipc_schedule(config: SchedulerConfig, steps: int, solver_order: int = 2) -> Schedule:
+    """UniPCMultistepScheduler.set_timesteps; orders are the predictor's (the corrector reuses the previous one)."""
+    sigmas, timesteps, ac = _multistep_grid(config, steps, "UniPCMultistepScheduler", round_karras=True)
+    n = len(timesteps)
+    # step(): warm-up min(order, k + 1); lower_order_final: min(order, steps left).
+    orders = [min(solver_order, k + 1, n - k if config.lower_order_final else solver_order) for k in range(n)]
+    last = _final_sigma(config, ac)
+    if config.final_sigmas_type == "sigma_min" and config.sigma_kind():
+        last = sigmas[-1]
+    return _vp_schedule(sigmas, last, timesteps, orders)
+
+
+def deis_schedule(config: SchedulerConfig, steps: int, solver_order: int = 2) -> Schedule:
+    """DEISMultistepScheduler.set_timesteps: ends at sigma_min, or repeats the last Karras/exponential sigma."""
+    sigmas, timesteps, ac = _multistep_grid(config, steps, "DEISMultistepScheduler", round_karras=True)
+    n = len(timesteps)
+    low = config.lower_order_final and n < 15  # step(): drop to first/second order over the last two steps
+    orders = [min(solver_order, k + 1) for k in range(n)]
+    if low:
+        orders[-1] = 1
+        if n > 1:
+            orders[-2] = min(orders[-2], 2)
+    last = sigmas[-1] if config.sigma_kind() else ((F32(1) - ac[0]) / ac[0]) ** F32(0.5)
+    return _vp_schedule(sigmas, last, timesteps, orders)
+
+
+def lcm_schedule(config: SchedulerConfig, steps: int) -> Schedule:
+    """LCMScheduler.set_timesteps: `steps` of the distillation's original_inference_steps grid, ending at sigma 0."""
+    T, original = config.num_train_timesteps, config.original_inference_steps
+    if not steps <= original <= T:
+        raise ValueError(f"LCM needs steps <= original_inference_steps={original} <= {T}, got {steps} steps")
+    origin = (np.arange(1, original + 1) * (T // original) - 1)[::-1]
+    timesteps = origin[np.floor(np.linspace(0, len(origin), num=steps, endpoint=False)).astype(np.int64)]
+    ac = _abar(config, "LCMScheduler")
+    sigmas = np.array([vp_to_ve(ac[t]) for t in timesteps] + [0.0])
+    return Schedule(sigmas, timesteps.astype(np.float64), vp_init_noise_sigma(sigmas[0]))
+
+
+def honours(scheduler: str, overrides: dict) -> bool:
+    """Whether diffusers' `scheduler` class has the schedule-shaping config keys in `overrides`."""
+    if "timestep_spacing" in overrides and scheduler in NO_SPACING_CLASSES:
+        return False
+    return scheduler in SIGMA_KIND_CLASSES or not any(key in overrides for key in SAMPLER_CHOSEN)
+
+
+def _check(scheduler: str, config: SchedulerConfig) -> None:
+    """Refuse what diffusers' class would do differently from us, or could not do at all."""
     for flag in UNSUPPORTED_FLAGS.get(scheduler, ()):
         if getattr(config, flag):
             raise NotImplementedError(f"{scheduler} with {flag}=True is not supported")
-    return BUILDERS[scheduler](config, steps, **options)
+    kind = config.sigma_kind()
+    if kind and scheduler not in SIGMA_KIND_CLASSES:
+        raise NotImplementedError(f"{scheduler} has no {kind} sigmas in diffusers")
+
+
+def build_schedule(scheduler: str, config: SchedulerConfig, steps: int, **overrides) -> Schedule:
+    """The schedule diffusers' `scheduler` class, made with from_config(config, **overrides), sets for `steps`."""
+    config = config.with_overrides(overrides)
+    _check(scheduler, config)
+    builder = BUILDERS[scheduler]
+    solver_order = overrides.get("solver_order")
+    return builder(config, steps) if solver_order is None else builder(config, steps, solver_order=solver_order)
 
 
 BUILDERS = {
@@ -333,6 +318,13 @@ BUILDERS = {
     "EulerAncestralDiscreteScheduler": lambda config, steps: euler_schedule(
         config, steps, "EulerAncestralDiscreteScheduler"
     ),
-    "LMSDiscreteScheduler": lms_schedule,
+    "LMSDiscreteScheduler": lambda config, steps: euler_schedule(config, steps, "LMSDiscreteScheduler"),
+    "HeunDiscreteScheduler": heun_schedule,
+    "KDPM2DiscreteScheduler": kdpm2_schedule,
+    "KDPM2AncestralDiscreteScheduler": kdpm2_ancestral_schedule,
+    "DPMSolverSDEScheduler": dpm_sde_schedule,
     "DPMSolverMultistepScheduler": dpm_multistep_schedule,
+    "UniPCMultistepScheduler": unipc_schedule,
+    "DEISMultistepScheduler": deis_schedule,
+    "LCMScheduler": lcm_schedule,
 }
