@@ -26,6 +26,9 @@ def _add_generate(sub) -> None:
         "--sampler",
         help=f"one of: {', '.join(s.label for s in SAMPLERS.values())} (default: the bundle's scheduler)",
     )
+    p.add_argument("--schedule", help="A1111 schedule type: Karras, Exponential, SGM Uniform (default: the sampler's)")
+    p.add_argument("--cfg-rescale", dest="guidance_rescale", type=float, default=0.0,
+                   help="guidance rescale phi for zero-terminal-SNR models (0.7 in the paper; default 0: off)")
     p.add_argument("--seed", type=int, help="default: random; image i of a batch uses seed + i")
     p.add_argument("-W", "--width", type=int, help="multiple of 8 (default: the model's size)")
     p.add_argument("-H", "--height", type=int, help="multiple of 8 (default: the model's size)")
@@ -109,11 +112,13 @@ def _generate(args) -> int:
     with Pipeline.load(args.bundle, backend=args.backend, **options) as pipe:
         req = GenerationRequest(
             prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
-            steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler, seed=args.seed,
-            batch_size=args.batch_size, eta=args.eta,
+            steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler, schedule=args.schedule,
+            seed=args.seed,
+            batch_size=args.batch_size, eta=args.eta, guidance_rescale=args.guidance_rescale,
         ).resolve(pipe.manifest)
         last = None
-        steps = tqdm(pipe.denoise(req), total=req.steps, unit="step", disable=args.quiet, desc=sampler_label(req.sampler))
+        total = pipe.schedule(req).steps  # model evaluations: 2n - 1 for two-stage samplers such as Heun
+        steps = tqdm(pipe.denoise(req), total=total, unit="step", disable=args.quiet, desc=sampler_label(req.sampler))
         for last in steps:
             pass
         images = pipe.decode(last.vp_latents())

@@ -9,6 +9,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from sdrt.runtime.pipeline import Pipeline  # noqa: E402
 from sdrt.runtime.request import GenerationRequest  # noqa: E402
+from sdrt.runtime.samplers import scheduler_for  # noqa: E402
 
 # Max abs difference per pixel between the two pipelines' final 8-bit images (1 = 1/255).
 PIXEL_TOL_8BIT = 1
@@ -22,16 +23,8 @@ BATCH = 2
 WIDTH, HEIGHT = 72, 64
 STEPS = 8
 
-# sdrt sampler name -> (diffusers scheduler class, extra config)
-DIFFUSERS_SCHEDULERS = {
-    "PNDM": ("PNDMScheduler", {}),
-    "DDIM": ("DDIMScheduler", {}),
-    "Euler": ("EulerDiscreteScheduler", {}),
-    "Euler a": ("EulerAncestralDiscreteScheduler", {}),
-    "LMS": ("LMSDiscreteScheduler", {}),
-    "DPM++ 2M": ("DPMSolverMultistepScheduler", {}),
-    "DPM++ 2M Karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-}
+# A1111 labels; each is compared with the diffusers scheduler class it reproduces (samplers.scheduler_for).
+SAMPLERS = ["PNDM", "DDIM", "Euler", "Euler a", "LMS", "DPM++ 2M", "DPM++ 2M Karras", "Heun", "UniPC", "DPM++ 2M SDE"]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +44,7 @@ def sdrt_pipe(tiny_sd1_bundle):
 
 
 def diffusers_images(pipe, sampler: str, guidance: float) -> np.ndarray:
-    cls_name, extra = DIFFUSERS_SCHEDULERS[sampler]
+    cls_name, extra = scheduler_for(sampler)
     pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.base_scheduler_config, **extra)
     generators = [torch.Generator("cpu").manual_seed(SEED + i) for i in range(BATCH)]
     out = pipe(
@@ -72,7 +65,7 @@ def sdrt_images(pipe: Pipeline, sampler: str, guidance: float) -> np.ndarray:
     return np.clip(image / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
 
 
-@pytest.mark.parametrize("sampler", list(DIFFUSERS_SCHEDULERS))
+@pytest.mark.parametrize("sampler", SAMPLERS)
 def test_images_match_diffusers(reference_pipe, sdrt_pipe, sampler, record_property):
     ref = diffusers_images(reference_pipe, sampler, guidance=7.5)
     ours = sdrt_images(sdrt_pipe, sampler, guidance=7.5)

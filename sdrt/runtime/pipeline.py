@@ -19,8 +19,9 @@ from sdrt.runtime.noise import PerImageNoise
 from sdrt.runtime.parametrization import c_in, parametrization
 from sdrt.runtime.prompts import prompt_embeddings
 from sdrt.runtime.request import GenerationRequest
-from sdrt.runtime.samplers import make_schedule, sample, sampler_label
-from sdrt.runtime.schedules import SchedulerConfig
+from sdrt.runtime.cfg_rescale import rescale_noise_cfg
+from sdrt.runtime.samplers import make_schedule, sample, sampler_label, schedule_label
+from sdrt.runtime.schedules import Schedule, SchedulerConfig
 from sdrt.runtime.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ class Pipeline:
         embeddings = self.encode_prompts([req.negative_prompt] * b + [req.prompt] * b)
         return ClassifierFreeGuidance(cond=embeddings[b:], uncond=embeddings[:b], scale=req.guidance_scale)
 
-    def _model(self, guidance: ClassifierFreeGuidance, shape: tuple[int, ...]):
+    def _model(self, guidance: ClassifierFreeGuidance, shape: tuple[int, ...], rescale: float):
         """The denoiser D(x, sigma, t) the samplers call: scale input, guided UNet, prediction -> denoised."""
         context = guidance.context()
         x_in = guidance.batch(np.zeros(shape, np.float32))
@@ -138,7 +139,10 @@ class Pipeline:
         def model(x: np.ndarray, sigma: float, t: float) -> np.ndarray:
             x_in = guidance.batch((x * c_in(sigma)).astype(np.float32))
             out = unet.run(_unet_feeds(x_in, t, context))["model_output"]
-            return self.denoised_from(x, guidance.combine(out), sigma)
+            guided = guidance.combine(out)
+            if rescale and guidance.enabled:  # on the eps / v output, where diffusers applies it
+                guided = rescale_noise_cfg(guided, np.split(out, 2)[1], rescale)
+            return self.denoised_from(x, guided, sigma)
 
         return model
 
@@ -150,13 +154,16 @@ class Pipeline:
         """The denoising loop as a generator: one Step per sampler step; stop iterating to cancel."""
         req = request.resolve(self.manifest)
         noise = PerImageNoise(req.seed, req.batch_size)
-        schedule = make_schedule(req.sampler, self.scheduler_config, req.steps)
+        schedule = self.schedule(req)
         shape = self.latent_shape(req)
-        model = self._model(self._guidance(req), shape)
+        model = self._model(self._guidance(req), shape, req.guidance_rescale)
         x = noise(shape) * schedule.init_noise_sigma
-        total = len(schedule.sigmas) - 1
         for i, x in enumerate(sample(req.sampler, model, x, schedule, noise, eta=req.eta), start=1):
-            yield Step(i, total, float(schedule.sigmas[i]), x)
+            yield Step(i, schedule.steps, float(schedule.sigmas[i]), x)
+
+    def schedule(self, req: GenerationRequest) -> Schedule:
+        """Noise levels and timesteps of a resolved request; `.steps` counts model evaluations."""
+        return make_schedule(req.sampler, self.scheduler_config, req.steps)
 
     def decode(self, latents: np.ndarray) -> list[Image.Image]:
         """VAE-decode VP-scale latents one image at a time (bounds peak memory at large sizes)."""
@@ -181,12 +188,14 @@ class Pipeline:
         fields = {
             "Steps": req.steps,
             "Sampler": sampler_label(req.sampler),
+            "Schedule type": schedule_label(req.sampler),
             "CFG scale": f"{req.guidance_scale:g}",
             "Seed": seed,
             "Size": f"{req.width}x{req.height}",
             "Model hash": source.get("sha256", "")[:10],
             "Model": self.manifest.model.name,
             "Eta": None if req.eta is None else f"{req.eta:g}",
+            "CFG Rescale phi": f"{req.guidance_rescale:g}" if req.guidance_rescale else None,
             "Backend": self.backend.label,
             "Version": f"sdrt {__version__}",
         }

@@ -7,7 +7,8 @@ from dataclasses import dataclass, replace
 
 from sdrt.bundle import Manifest
 from sdrt.errors import RequestError
-from sdrt.runtime.samplers import resolve_sampler
+from sdrt.runtime.samplers import make_schedule, resolve_sampler
+from sdrt.runtime.schedules import SchedulerConfig
 
 MAX_STEPS = 1000
 MAX_SEED = 2**64  # torch.Generator.manual_seed accepts 64-bit seeds
@@ -24,9 +25,11 @@ class GenerationRequest:
     steps: int = 25
     guidance_scale: float = 7.5
     sampler: str | None = None
+    schedule: str | None = None  # A1111's "Schedule type" (Karras, Exponential, SGM Uniform); None: the sampler's
     seed: int | None = None
     batch_size: int = 1
     eta: float | None = None  # noise amount for DDIM / ancestral samplers; None: the sampler's default
+    guidance_rescale: float = 0.0  # Lin et al. 2023 sec. 3.4 (0.7 there), for zero-terminal-SNR models
 
     def resolve(self, manifest: Manifest) -> GenerationRequest:
         """Fill defaults from the bundle and check every field, raising RequestError with a one-line reason."""
@@ -35,7 +38,12 @@ class GenerationRequest:
         seed = secrets.randbelow(2**32) if self.seed is None else self.seed
         req = replace(self, width=self.width or size, height=self.height or size, sampler=sampler, seed=seed)
         req._check(manifest)
-        return replace(req, sampler=resolve_sampler(req.sampler))
+        try:
+            req = replace(req, sampler=resolve_sampler(req.sampler, req.schedule), schedule=None)
+            make_schedule(req.sampler, SchedulerConfig.from_dict(manifest.scheduler), req.steps)
+        except ValueError as e:  # unknown name, a schedule type the sampler lacks, LCM's step limit...
+            raise RequestError(str(e)) from None
+        return req
 
     def _check(self, manifest: Manifest) -> None:
         if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
@@ -52,10 +60,8 @@ class GenerationRequest:
             raise RequestError(f"seed must be an integer from 0 to 2**64 - 1 - batch size, got {self.seed!r}")
         if self.eta is not None and not 0.0 <= self.eta <= 1.0:
             raise RequestError(f"eta must be within [0, 1], got {self.eta!r}")
-        try:
-            resolve_sampler(self.sampler)
-        except ValueError as e:
-            raise RequestError(str(e)) from None
+        if not 0.0 <= self.guidance_rescale <= 1.0:
+            raise RequestError(f"guidance rescale must be within [0, 1], got {self.guidance_rescale!r}")
 
 
 def _check_size(manifest: Manifest, what: str, value: object) -> None:
@@ -66,20 +72,10 @@ def _check_size(manifest: Manifest, what: str, value: object) -> None:
         )
 
 
-# The diffusers scheduler class a bundle was saved with -> the sampler that reproduces it.
-_CLASS_TO_SAMPLER = {
-    "PNDMScheduler": "PNDM",
-    "DDIMScheduler": "DDIM",
-    "EulerDiscreteScheduler": "Euler",
-    "EulerAncestralDiscreteScheduler": "Euler a",
-    "LMSDiscreteScheduler": "LMS",
-    "DPMSolverMultistepScheduler": "DPM++ 2M",
-}
-
-
 def default_sampler(scheduler_config: dict) -> str:
-    """The sampler matching the bundle's own scheduler (PNDM for SD 1.x), as diffusers would use."""
-    name = _CLASS_TO_SAMPLER.get(scheduler_config.get("_class_name", ""), "PNDM")
-    if name == "DPM++ 2M" and scheduler_config.get("use_karras_sigmas"):
-        name = "DPM++ 2M Karras"
-    return name
+    """The sampler reproducing the bundle's own scheduler class (PNDM for SD 1.x), as diffusers would use."""
+    schedule = "Karras" if scheduler_config.get("use_karras_sigmas") else None
+    try:
+        return resolve_sampler(scheduler_config.get("_class_name", ""), schedule)
+    except ValueError:
+        return "pndm"
