@@ -148,3 +148,13 @@ def vae_encoder_contract(latent_channels: int) -> Contract:
         ),
         "sampling (mean + std * noise) happens in the runtime so its noise comes from the seeded generator",
     )
+
+
+def taesd_decoder_contract(latent_channels: int) -> Contract:
+    """Tiny VAE decoder (TAESD): latents on the UNet's scale (not divided by the VAE scale factor) -> image in [-1, 1]."""
+    return Contract(
+        "taesd_decoder",
+        (TensorSpec("latents", "float32", (BATCH, latent_channels, LATENT_HEIGHT, LATENT_WIDTH)),),
+        (TensorSpec("image", "float32", (BATCH, 3, HEIGHT, WIDTH)),),
+        "TAESD was trained on SD's scaled latents (AutoencoderTiny scaling_factor 1.0): fast previews, --fast-decode",
+    )

@@ -21,3 +21,42 @@ def tiny_sd1_bundle(tiny_sd1_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "tiny-sd1"
     export_bundle(tiny_sd1_dir, out)
     return out
+
+
+def _tiny_sd2_dir(tmp_path_factory, prediction: str):
+    pytest.importorskip("diffusers")
+    from tiny_models import save_tiny_sd2
+
+    return save_tiny_sd2(tmp_path_factory.mktemp("models") / f"tiny-sd2-{prediction}", prediction)
+
+
+def _export(source, tmp_path_factory, name: str):
+    from sdrt.export import export_bundle
+
+    out = tmp_path_factory.mktemp("bundles") / name
+    export_bundle(source, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_v_dir(tmp_path_factory):
+    """A tiny SD2 diffusers folder, v-prediction (as SD 2.1 768), random weights from seed 0."""
+    return _tiny_sd2_dir(tmp_path_factory, "v_prediction")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_eps_dir(tmp_path_factory):
+    """A tiny SD2 diffusers folder, epsilon (as SD 2.x-base 512), random weights from seed 0."""
+    return _tiny_sd2_dir(tmp_path_factory, "epsilon")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_v_bundle(tiny_sd2_v_dir, tmp_path_factory):
+    """The bundle exported from `tiny_sd2_v_dir` (exported once; tests must not modify it)."""
+    return _export(tiny_sd2_v_dir, tmp_path_factory, "tiny-sd2-v")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2_eps_bundle(tiny_sd2_eps_dir, tmp_path_factory):
+    """The bundle exported from `tiny_sd2_eps_dir` (exported once; tests must not modify it)."""
+    return _export(tiny_sd2_eps_dir, tmp_path_factory, "tiny-sd2-eps")

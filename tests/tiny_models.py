@@ -1,4 +1,4 @@
-"""Tiny random SD1 models for tests: diffusers folders in both transformers layouts, and CompVis single files.
+"""Tiny random SD1 and SD2 models for tests: diffusers folders and CompVis single files.
 
 One set of sizes (the constants below) feeds both the diffusers configs and the LDM yaml, so a single file written here converts
 back to the very modules it came from. Weights are random but seeded: the same seed gives the same files.
@@ -6,6 +6,7 @@ back to the very modules it came from. Weights are random but seeded: the same s
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -15,7 +16,13 @@ from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from sdrt.export.ldm_config import CLIP_L14_DIR, V1_INFERENCE_YAML, scheduler_config
+from sdrt.export.ldm_config import (
+    CLIP_L14_DIR,
+    OPEN_CLIP_H14_CONFIG,
+    V1_INFERENCE_YAML,
+    scheduler_config,
+    shipped_config,
+)
 
 # Sizes shared by the diffusers configs and the LDM yaml. GroupNorm in LDM is always 32 groups: channels are
 # multiples of 32. The VAE keeps SD's 4 levels (8 pixels per latent) so image sizes behave as in SD.
@@ -59,13 +66,16 @@ def build_tiny_sd1(seed: int = 0) -> tuple[CLIPTextModel, UNet2DConditionModel, 
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=CONTEXT_DIM, attention_head_dim=UNET_HEADS,
         )
-        vae = AutoencoderKL(
-            block_out_channels=tuple(VAE_CHANNELS * m for m in VAE_MULT), layers_per_block=VAE_LAYERS,
-            down_block_types=("DownEncoderBlock2D",) * len(VAE_MULT),
-            up_block_types=("UpDecoderBlock2D",) * len(VAE_MULT),
-            latent_channels=LATENT_CHANNELS, sample_size=SAMPLE_SIZE * 8, scaling_factor=SCALING_FACTOR,
-        )
+        vae = _tiny_vae(SAMPLE_SIZE)
     return text_encoder.eval(), unet.eval(), vae.eval()
+
+
+def _tiny_vae(sample_size: int) -> AutoencoderKL:
+    return AutoencoderKL(
+        block_out_channels=tuple(VAE_CHANNELS * m for m in VAE_MULT), layers_per_block=VAE_LAYERS,
+        down_block_types=("DownEncoderBlock2D",) * len(VAE_MULT), up_block_types=("UpDecoderBlock2D",) * len(VAE_MULT),
+        latent_channels=LATENT_CHANNELS, sample_size=sample_size * 8, scaling_factor=SCALING_FACTOR,
+    )
 
 
 # --- diffusers folders -------------------------------------------------------------------------------------------
@@ -105,12 +115,12 @@ def _model_index() -> dict:
     }
 
 
-def _save_vocab_merges(tokenizer_dir: Path) -> None:
+def _save_vocab_merges(tokenizer_dir: Path, pad_token: str = "<|endoftext|>") -> None:
     tokenizer_dir.mkdir(parents=True, exist_ok=True)
     for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
         shutil.copy(CLIP_L14_DIR / name, tokenizer_dir / name)
     special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-               "pad_token": "<|endoftext|>"}
+               "pad_token": pad_token}
     (tokenizer_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
 
 
@@ -153,13 +163,18 @@ def save_tiny_yaml(path: Path) -> Path:
 
 def ldm_state_dict(text_encoder, unet, vae) -> dict[str, torch.Tensor]:
     """diffusers/transformers modules -> one CompVis LatentDiffusion state dict (inverse of diffusers' converter)."""
-    state = {UNET_PREFIX + k: v for k, v in _rename(unet.state_dict(), _unet_modules(unet.config), UNET_RESNET).items()}
-    vae_state = _rename(vae.state_dict(), _vae_modules(vae.config), VAE_RESNET, VAE_ATTENTION)
-    state.update({VAE_PREFIX + k: _as_conv_1x1(k, v) for k, v in vae_state.items()})
+    state = _ldm_unet_vae(unet, vae)
     state.update({TEXT_PREFIX + k: v for k, v in text_encoder.state_dict().items()})
     # Old transformers saved position_ids as a persistent buffer: real SD1 checkpoints carry it.
     state[TEXT_PREFIX + "embeddings.position_ids"] = torch.arange(text_encoder.config.max_position_embeddings)[None]
     return {k: v.detach().clone() for k, v in state.items()}
+
+
+def _ldm_unet_vae(unet, vae) -> dict[str, torch.Tensor]:
+    state = {UNET_PREFIX + k: v for k, v in _rename(unet.state_dict(), _unet_modules(unet.config), UNET_RESNET).items()}
+    vae_state = _rename(vae.state_dict(), _vae_modules(vae.config), VAE_RESNET, VAE_ATTENTION)
+    state.update({VAE_PREFIX + k: _as_conv_1x1(k, v) for k, v in vae_state.items()})
+    return state
 
 
 UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -233,3 +248,135 @@ def _as_conv_1x1(key: str, value: torch.Tensor) -> torch.Tensor:
     # LDM's VAE attention projects with 1x1 convolutions where diffusers uses linear layers.
     is_projection = ".attn_1." in key and key.endswith(".weight") and not key.endswith("norm.weight")
     return value[:, :, None, None] if is_projection and value.ndim == 2 else value
+
+
+# --- SD 2.x ------------------------------------------------------------------------------------------------------
+# The SD2 architecture at tiny size: an OpenCLIP-style text tower (gelu, conditioning on its penultimate layer),
+# linear projections in the transformer blocks, and head counts per level from a fixed head width (LDM's
+# num_head_channels), which diffusers stores as a per-block `attention_head_dim` list. Both levels attend (LDM's
+# attention_resolutions [1, 2]) so that each level's head count is exercised.
+SD2_CONTEXT_DIM = 64
+SD2_TEXT_SIZES = dict(hidden_size=SD2_CONTEXT_DIM, intermediate_size=128, num_attention_heads=1)
+SD2_TEXT_BLOCKS = 3  # OpenCLIP blocks in the single file; the diffusers folder keeps all but the last
+SD2_HEAD_CHANNELS = 16  # heads = channels // 16: [2, 4] for (32, 64)
+SD2_HEADS = [UNET_CHANNELS * m // SD2_HEAD_CHANNELS for m in UNET_MULT]
+SD2_OPEN_CLIP_PROJECTION = 32  # text_projection's output width (unused by SD2, present in its checkpoints)
+# Latent sizes standing for SD2's 768 (v) and 512 (epsilon): 96 and 64 pixels.
+SD2_SAMPLE_SIZE = {"v_prediction": 12, "epsilon": 8}
+# The scheduler configs as Stability's diffusers folders ship them (written before `timestep_spacing` existed):
+# stable-diffusion-2-1 (768, v) and stable-diffusion-2-base (512, epsilon).
+_SD2_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "trained_betas": None,
+              "num_train_timesteps": 1000, "clip_sample": False, "set_alpha_to_one": False, "skip_prk_steps": True,
+              "steps_offset": 1}
+SD2_SCHEDULERS = {
+    "v_prediction": {"_class_name": "DDIMScheduler", "_diffusers_version": "0.8.0", **_SD2_BETAS,
+                     "prediction_type": "v_prediction"},
+    "epsilon": {"_class_name": "PNDMScheduler", "_diffusers_version": "0.10.0.dev0", **_SD2_BETAS,
+                "prediction_type": "epsilon"},
+}
+OPEN_CLIP_PREFIX = "cond_stage_model.model."
+
+
+def tiny_sd2_ldm_config(prediction: str) -> dict:
+    """The shipped SD 2.x inference yaml for `prediction`, with the tiny sizes."""
+    config = yaml.safe_load(shipped_config("sd2", prediction).read_text())
+    params = config["model"]["params"]
+    params["unet_config"]["params"].update(
+        model_channels=UNET_CHANNELS, channel_mult=list(UNET_MULT), attention_resolutions=[1, 2],
+        num_res_blocks=UNET_LAYERS, num_head_channels=SD2_HEAD_CHANNELS, context_dim=SD2_CONTEXT_DIM,
+    )
+    params["first_stage_config"]["params"]["ddconfig"].update(
+        ch=VAE_CHANNELS, ch_mult=list(VAE_MULT), num_res_blocks=VAE_LAYERS, z_channels=LATENT_CHANNELS,
+    )
+    return config
+
+
+def build_tiny_sd2(prediction: str, seed: int = 0) -> tuple[CLIPTextModel, UNet2DConditionModel, AutoencoderKL]:
+    """Random tiny OpenCLIP text tower (all SD2_TEXT_BLOCKS layers), SD2-style UNet and VAE."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        base = json.loads(OPEN_CLIP_H14_CONFIG.read_text())
+        text_tower = CLIPTextModel(CLIPTextConfig(**{**base, **SD2_TEXT_SIZES, "num_hidden_layers": SD2_TEXT_BLOCKS}))
+        unet = UNet2DConditionModel(
+            sample_size=SD2_SAMPLE_SIZE[prediction], in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+            block_out_channels=tuple(UNET_CHANNELS * m for m in UNET_MULT), layers_per_block=UNET_LAYERS,
+            down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2,
+            cross_attention_dim=SD2_CONTEXT_DIM, attention_head_dim=SD2_HEADS, use_linear_projection=True,
+            upcast_attention=prediction == "v_prediction",  # as stable-diffusion-2-1's unet config
+        )
+        vae = _tiny_vae(SD2_SAMPLE_SIZE[prediction])
+    return text_tower.eval(), unet.eval(), vae.eval()
+
+
+def penultimate(text_tower: CLIPTextModel) -> CLIPTextModel:
+    """The tower without its last layer, as diffusers stores SD2's text encoder (final_layer_norm still applied)."""
+    layers = text_tower.config.num_hidden_layers - 1
+    config = CLIPTextConfig(**{**text_tower.config.to_dict(), "num_hidden_layers": layers})
+    model = CLIPTextModel(config)
+    last = f"encoder.layers.{layers}."
+    state = {k: v for k, v in text_tower.state_dict().items() if last not in k}
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def save_tiny_sd2(out: Path, prediction: str, seed: int = 0) -> Path:
+    """A diffusers SD2 folder laid out as Stability's on the hub (transformers 4.x text encoder and tokenizer files,
+    whose special_tokens_map.json pads with "!" while tokenizer_config.json still says <|endoftext|>)."""
+    text_tower, unet, vae = build_tiny_sd2(prediction, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    unet.save_pretrained(out / "unet")
+    vae.save_pretrained(out / "vae")
+    penultimate(text_tower).save_pretrained(out / "text_encoder")
+    _to_transformers4_text_encoder(out / "text_encoder")
+    _save_vocab_merges(out / "tokenizer", pad_token="!")
+    (out / "scheduler").mkdir()
+    (out / "scheduler" / "scheduler_config.json").write_text(json.dumps(SD2_SCHEDULERS[prediction], indent=2))
+    index = _model_index()
+    index["scheduler"] = ["diffusers", SD2_SCHEDULERS[prediction]["_class_name"]]
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    return out
+
+
+def save_tiny_sd2_single_file(path: Path, prediction: str, seed: int = 0, metadata: dict | None = None) -> Path:
+    """The tiny SD2 model as a Stability checkpoint (.safetensors with optional header metadata, or .ckpt)."""
+    text_tower, unet, vae = build_tiny_sd2(prediction, seed)
+    state = {**_ldm_unet_vae(unet, vae), **open_clip_state_dict(text_tower, seed)}
+    state = {k: v.detach().clone().contiguous() for k, v in state.items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".safetensors":
+        save_file(state, path, metadata=metadata)
+    else:
+        torch.save({"state_dict": state, "global_step": 0}, path)
+    return path
+
+
+def save_tiny_sd2_yaml(path: Path, prediction: str) -> Path:
+    path.write_text(yaml.safe_dump(tiny_sd2_ldm_config(prediction), sort_keys=False))
+    return path
+
+
+# transformers CLIP layer -> open_clip ResidualAttentionBlock names (open_clip/transformer.py); q, k and v are one
+# packed in_proj in open_clip (nn.MultiheadAttention).
+OPEN_CLIP_BLOCK_NAMES = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+                         "self_attn.out_proj": "attn.out_proj"}
+
+
+def open_clip_state_dict(text_tower: CLIPTextModel, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A transformers CLIP text tower -> FrozenOpenCLIPEmbedder's keys (cond_stage_model.model.*)."""
+    s = {k.removeprefix("text_model."): v for k, v in text_tower.state_dict().items() if not k.endswith("position_ids")}
+    hidden = text_tower.config.hidden_size
+    projection = torch.randn(hidden, SD2_OPEN_CLIP_PROJECTION, generator=torch.Generator().manual_seed(seed))
+    out = {
+        "token_embedding.weight": s["embeddings.token_embedding.weight"],
+        "positional_embedding": s["embeddings.position_embedding.weight"],
+        "ln_final.weight": s["final_layer_norm.weight"], "ln_final.bias": s["final_layer_norm.bias"],
+        "text_projection": projection, "logit_scale": torch.tensor(math.log(1 / 0.07)),
+    }
+    for i in range(text_tower.config.num_hidden_layers):
+        src, dst = f"encoder.layers.{i}.", f"transformer.resblocks.{i}."
+        for leaf in ("weight", "bias"):
+            out[f"{dst}attn.in_proj_{leaf}"] = torch.cat([s[f"{src}self_attn.{p}_proj.{leaf}"] for p in "qkv"])
+            for ours, theirs in OPEN_CLIP_BLOCK_NAMES.items():
+                out[f"{dst}{theirs}.{leaf}"] = s[f"{src}{ours}.{leaf}"]
+    assert len(out) == len(s) + 2 - 4 * text_tower.config.num_hidden_layers  # every weight mapped once
+    return {OPEN_CLIP_PREFIX + k: v for k, v in out.items()}

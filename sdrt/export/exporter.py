@@ -16,6 +16,7 @@ from sdrt.export.components import CHECK_SHAPES, ComponentSpec, axis_sizes, comp
 from sdrt.export.onnx_export import export_onnx, parameter_bytes
 from sdrt.export.parity import check_parity
 from sdrt.export.source import SourceModel, load_source
+from sdrt.export.taesd import load_taesd, taesd_spec
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +35,26 @@ def export_bundle(
     prediction_type: str | None = None,
     opset: int = 17,
     overwrite: bool = False,
+    taesd: Path | str | None = None,
 ) -> Manifest:
-    """Export a diffusers folder or single file to a validated ONNX bundle at `out`; returns its manifest."""
+    """Export a diffusers folder or single file to a validated ONNX bundle at `out`; returns its manifest.
+
+    `taesd`: an AutoencoderTiny folder to add as the optional `taesd_decoder`; None looks for a `taesd/` or
+    `vae_tiny/` subfolder of a diffusers folder.
+    """
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ExportError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
     with BundleWriter(out, overwrite=overwrite) as writer:  # checks `out` before the slow load
-        model = load_source(source, original_config)
+        model = load_source(source, original_config, prediction_type)
         info = model_info(model, prediction_type)
+        found_by = "request" if prediction_type else model.prediction_type_from
+        log.info("%s: %s, %s (decided by the %s)", info.name, info.family, info.prediction_type, found_by)
+        specs = component_specs(model)
+        tiny = load_taesd(taesd, source)
+        if tiny is not None:
+            specs.append(taesd_spec(tiny, info))
         components = {}
-        for spec in component_specs(model):
+        for spec in specs:
             components[spec.name] = export_component(spec, writer.path, opset, info.vae_scale_factor)
         tokenizer = write_tokenizer(model, writer.path, components["text_encoder"])
         scheduler = {**model.scheduler, "prediction_type": info.prediction_type}
@@ -111,7 +123,7 @@ def write_tokenizer(model: SourceModel, root: Path, text_encoder: Component) -> 
     sequence = text_encoder.contract.inputs[0].shape[1]
     if max_length is not None and max_length != sequence:
         log.info("tokenizer model_max_length is %s; prompts are padded to the text encoder's %s", max_length, sequence)
-    return TokenizerInfo(max_length=sequence, pad_token=pad_token)
+    return TokenizerInfo(max_length=sequence, pad_token=model.pad_token or pad_token)
 
 
 def tool_versions() -> dict[str, str]:

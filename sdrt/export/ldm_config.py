@@ -1,4 +1,4 @@
-"""What a CompVis single file lacks: the LDM yaml, the CLIP text config and the scheduler, shipped or inferred."""
+"""What a CompVis single file lacks: the LDM yaml, the text encoder config and the scheduler, shipped or inferred."""
 from __future__ import annotations
 
 import json
@@ -11,12 +11,40 @@ from sdrt.errors import ExportError
 
 CONFIGS = Path(__file__).parent / "configs"
 V1_INFERENCE_YAML = CONFIGS / "v1-inference.yaml"
+# Stability-AI/stablediffusion's SD 2.x yamls: epsilon (2.x-base, 512) and v-prediction (2.0/2.1, 768). They differ
+# in `parameterization` only, so both build the same modules.
+V2_INFERENCE_YAML = CONFIGS / "v2-inference.yaml"
+V2_INFERENCE_V_YAML = CONFIGS / "v2-inference-v.yaml"
 # OpenAI CLIP ViT-L/14, the SD1 text encoder: its config.json, tokenizer_config.json, vocab.json and merges.txt.
 CLIP_L14_DIR = CONFIGS / "clip-vit-large-patch14"
+# OpenCLIP ViT-H/14, the SD2 text encoder, as diffusers stores it: 23 of its 24 layers (SD2 conditions on the
+# penultimate layer), gelu. Its tokenizer is CLIP's BPE (the files in CLIP_L14_DIR) padded with "!" (id 0).
+OPEN_CLIP_H14_CONFIG = CONFIGS / "open-clip-vit-h-14" / "config.json"
+OPEN_CLIP_PAD_TOKEN = "!"
+
+# The resolution each family and prediction type was trained at; the yamls' image_size is a training crop's latent
+# size and says nothing about it. Stability's SD 2.x v-prediction models are 768, the epsilon ones 2.x-base 512.
+DEFAULT_IMAGE_SIZE = {("sd2", "v_prediction"): 768}
+FALLBACK_IMAGE_SIZE = 512
+# The scheduler class of Stability's diffusers folders: DDIM for SD 2.0/2.1 768-v, PNDM for SD 1.x and 2.x-base.
+SCHEDULER_CLASS = {("sd2", "v_prediction"): "DDIMScheduler"}
+FALLBACK_SCHEDULER_CLASS = "PNDMScheduler"
 
 # Every CLIP text tower (OpenAI L/14, OpenCLIP H/14 and bigG/14) uses 64-wide attention heads.
 CLIP_HEAD_DIM = 64
 _TEXT_PREFIX = "encoder.layers."
+
+
+def shipped_config(family: str, prediction_type: str) -> Path:
+    """The shipped LDM yaml for a family ("sd1" | "sd2") and prediction type."""
+    if family == "sd2":
+        return V2_INFERENCE_V_YAML if prediction_type == "v_prediction" else V2_INFERENCE_YAML
+    return V1_INFERENCE_YAML
+
+
+def default_image_size(family: str, prediction_type: str) -> int:
+    """The image size a family was trained at, in pixels."""
+    return DEFAULT_IMAGE_SIZE.get((family, prediction_type), FALLBACK_IMAGE_SIZE)
 
 
 def read_original_config(path: Path | str | None) -> dict:
@@ -33,13 +61,20 @@ def read_original_config(path: Path | str | None) -> dict:
     return config
 
 
-def scheduler_config(original_config: Mapping) -> dict:
-    """The scheduler SD v1.5 ships (PNDM, skip_prk_steps), with the beta schedule of the LDM yaml."""
+def yaml_prediction_type(original_config: Mapping) -> str:
+    """CompVis' `parameterization: "v"` (SD2 768-v yamls) is diffusers' v_prediction; the default is eps."""
+    return "v_prediction" if original_config["model"]["params"].get("parameterization") == "v" else "epsilon"
+
+
+def scheduler_config(original_config: Mapping, prediction_type: str | None = None, family: str = "sd1") -> dict:
+    """The scheduler Stability's diffusers folders ship, with the LDM yaml's beta schedule.
+
+    PNDM and DDIM take the same keys (PNDM's skip_prk_steps included). `prediction_type` None takes the yaml's.
+    """
     params = original_config["model"]["params"]
-    # CompVis' `parameterization: "v"` (SD2 768-v yamls) is diffusers' v_prediction; the default is eps.
-    prediction = "v_prediction" if params.get("parameterization") == "v" else "epsilon"
+    prediction = prediction_type or yaml_prediction_type(original_config)
     return {
-        "_class_name": "PNDMScheduler",
+        "_class_name": SCHEDULER_CLASS.get((family, prediction), FALLBACK_SCHEDULER_CLASS),
         "num_train_timesteps": int(params.get("timesteps", 1000)),
         "beta_start": float(params.get("linear_start", 0.00085)),
         "beta_end": float(params.get("linear_end", 0.012)),
