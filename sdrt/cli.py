@@ -29,6 +29,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--schedule", help="A1111 schedule type: Karras, Exponential, SGM Uniform (default: the sampler's)")
     p.add_argument("--cfg-rescale", dest="guidance_rescale", type=float, default=0.0,
                    help="guidance rescale phi for zero-terminal-SNR models (0.7 in the paper; default 0: off)")
+    p.add_argument("--seed-mode", choices=["cpu", "gpu"], default="cpu",
+                   help="cpu: torch's CPU generator, as diffusers (default); gpu: A1111's GPU seeds (CUDA Philox)")
     p.add_argument("--seed", type=int, help="default: random; image i of a batch uses seed + i")
     p.add_argument("-W", "--width", type=int, help="multiple of 8 (default: the model's size)")
     p.add_argument("-H", "--height", type=int, help="multiple of 8 (default: the model's size)")
@@ -113,7 +115,7 @@ def _generate(args) -> int:
         req = GenerationRequest(
             prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
             steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler, schedule=args.schedule,
-            seed=args.seed,
+            seed=args.seed, seed_mode=args.seed_mode,
             batch_size=args.batch_size, eta=args.eta, guidance_rescale=args.guidance_rescale,
         ).resolve(pipe.manifest)
         last = None
@@ -247,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     except SdrtError as e:
         print(f"sdrt: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # `sdrt info | head`: the reader left; nothing more to say
+        sys.stdout = None
+        return 0
     except KeyboardInterrupt:
         print("sdrt: interrupted", file=sys.stderr)
         return 130

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -47,6 +48,7 @@ def test_generate_writes_png_with_a1111_parameters(tiny_sd1_bundle, tmp_path, ca
     assert params["CFG scale"] == "6.5"
     assert params["Seed"] == "42"
     assert params["Size"] == "64x72"
+    assert params["RNG"] == "CPU"  # A1111 reads this back as its CPU random source
     assert re.fullmatch(r"[0-9a-f]{10}", params["Model hash"])
     assert f"{out} (seed 42)" in capsys.readouterr().out
 
@@ -57,6 +59,15 @@ def test_batch_writes_numbered_files_with_their_seeds(tiny_sd1_bundle, tmp_path)
                  "--batch-size", "2", "-q"]) == 0
     seeds = [parse_parameters(Image.open(tmp_path / f"b-{i}.png").info["parameters"])[2]["Seed"] for i in (0, 1)]
     assert seeds == ["9", "10"]
+
+
+def test_gpu_seed_mode_changes_the_noise_and_the_metadata(tiny_sd1_bundle, tmp_path):
+    common = ["generate", "x", "-b", str(tiny_sd1_bundle), "--steps", "2", "--seed", "3", "-q"]
+    assert main([*common, "-o", str(tmp_path / "cpu.png")]) == 0
+    assert main([*common, "-o", str(tmp_path / "gpu.png"), "--seed-mode", "gpu"]) == 0
+    cpu, gpu = Image.open(tmp_path / "cpu.png"), Image.open(tmp_path / "gpu.png")
+    assert "RNG" not in parse_parameters(gpu.info["parameters"])[2]
+    assert np.abs(np.asarray(cpu, float) - np.asarray(gpu, float)).max() > 10
 
 
 def test_info_verifies_checksums(tiny_sd1_bundle, capsys):

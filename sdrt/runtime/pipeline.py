@@ -46,7 +46,7 @@ class Step:
 
     def vp_latents(self) -> np.ndarray:
         """The sample on the scale the VAE decodes (what diffusers' VP schedulers would hold)."""
-        return self.latents / np.sqrt(self.sigma**2 + 1.0)
+        return (self.latents / np.sqrt(self.sigma**2 + 1.0)).astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ class Pipeline:
     def denoise(self, request: GenerationRequest) -> Iterator[Step]:
         """The denoising loop as a generator: one Step per sampler step; stop iterating to cancel."""
         req = request.resolve(self.manifest)
-        noise = PerImageNoise(req.seed, req.batch_size)
+        noise = PerImageNoise(req.seed, req.batch_size, req.seed_mode)
         schedule = self.schedule(req)
         shape = self.latent_shape(req)
         model = self._model(self._guidance(req), shape, req.guidance_rescale)
@@ -192,6 +192,7 @@ class Pipeline:
             "CFG scale": f"{req.guidance_scale:g}",
             "Seed": seed,
             "Size": f"{req.width}x{req.height}",
+            "RNG": "CPU" if req.seed_mode == "cpu" else None,  # A1111 writes it when not its default GPU source
             "Model hash": source.get("sha256", "")[:10],
             "Model": self.manifest.model.name,
             "Eta": None if req.eta is None else f"{req.eta:g}",

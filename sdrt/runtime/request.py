@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 
 from sdrt.bundle import Manifest
 from sdrt.errors import RequestError
+from sdrt.runtime.noise import SEED_MODES
 from sdrt.runtime.samplers import make_schedule, resolve_sampler
 from sdrt.runtime.schedules import SchedulerConfig
 
@@ -27,6 +28,7 @@ class GenerationRequest:
     sampler: str | None = None
     schedule: str | None = None  # A1111's "Schedule type" (Karras, Exponential, SGM Uniform); None: the sampler's
     seed: int | None = None
+    seed_mode: str = "cpu"  # "cpu": torch's CPU generator (diffusers); "gpu": torch's CUDA Philox (A1111's default)
     batch_size: int = 1
     eta: float | None = None  # noise amount for DDIM / ancestral samplers; None: the sampler's default
     guidance_rescale: float = 0.0  # Lin et al. 2023 sec. 3.4 (0.7 there), for zero-terminal-SNR models
@@ -58,6 +60,8 @@ class GenerationRequest:
             raise RequestError(f"batch size must be from 1 to {manifest.shapes.max_batch}, got {self.batch_size!r}")
         if not isinstance(self.seed, int) or not 0 <= self.seed < MAX_SEED - self.batch_size:
             raise RequestError(f"seed must be an integer from 0 to 2**64 - 1 - batch size, got {self.seed!r}")
+        if self.seed_mode not in SEED_MODES:
+            raise RequestError(f"seed mode must be one of {', '.join(SEED_MODES)}, got {self.seed_mode!r}")
         if self.eta is not None and not 0.0 <= self.eta <= 1.0:
             raise RequestError(f"eta must be within [0, 1], got {self.eta!r}")
         if not 0.0 <= self.guidance_rescale <= 1.0:
