@@ -1,0 +1,49 @@
+"""sdrt's runtime on one backend (no torch in this venv): options pick the backend and, for OpenVINO, the precision."""
+from __future__ import annotations
+
+import common  # first: starts the clock before the engine is imported
+
+from sdrt import GenerationRequest, Pipeline
+
+
+def load(job: common.Job):
+    options = {"cache": False} if job.options["backend"] == "openvino" else {}  # a cold start compiles
+    if "precision" in job.options:
+        options["precision"] = job.options["precision"]
+    return Pipeline.load(job.model, backend=job.options["backend"], **options)
+
+
+def generate(pipe, job: common.Job, clock: common.Clock):
+    request = GenerationRequest(
+        prompt=job.prompt, negative_prompt=job.negative_prompt, width=job.size, height=job.size, steps=job.steps,
+        guidance_scale=job.guidance_scale, seed=job.seed,
+    )
+    last = None
+    for last in pipe.denoise(request):
+        clock.step()
+    return pipe.decode(last.vp_latents())[0]
+
+
+def describe(pipe, job: common.Job) -> dict:
+    unet = pipe.manifest.components["unet"]
+    return {
+        "precision": compute_precision(pipe),
+        "weights": unet.precision,
+        "backend_label": pipe.backend.label,
+        "sampler": GenerationRequest(prompt="").resolve(pipe.manifest).sampler,
+    }
+
+
+def compute_precision(pipe) -> str:
+    """What the engine computes the UNet in: OpenVINO's compiled INFERENCE_PRECISION_HINT; ONNX Runtime CPU: fp32."""
+    if pipe.backend.name != "openvino":
+        return "fp32"
+    requests = getattr(pipe.session("unet"), "_requests", None)  # the compiled model behind the session, if exposed
+    if requests:
+        value = requests[0].get_compiled_model().get_property("INFERENCE_PRECISION_HINT")
+        return getattr(value, "get_type_name", lambda: str(value))()
+    return pipe.backend.precision
+
+
+if __name__ == "__main__":
+    common.main(load, generate, describe)
