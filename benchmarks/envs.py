@@ -30,7 +30,6 @@ class VenvSpec:
     requirements: tuple[str, ...]
     torch: bool = False
     remove: tuple[str, ...] = ()  # pulled in by a dependency but unusable here
-    why_remove: str = ""
     editable_sdrt: str = ""  # extras of the checkout installed in editable mode, e.g. "onnxruntime"
     path: Path | None = None  # None: benchmarks/.venvs/<name>; else an existing venv used as it is
     checkout_on_path: bool = False  # import sdrt from the checkout (PYTHONPATH) instead of an install
@@ -64,14 +63,14 @@ SPECS = {
                           "transformers==5.5.4", "diffusers==0.39.0"),
             # optimum-intel 2.2 requires torchvision; PyPI's build for torch 2.13 fails to import beside the CPU
             # torch ('operator torchvision::nms does not exist'), and diffusion pipelines never use it.
-            remove=("torchvision",), why_remove="optimum-intel requires it; it cannot import beside the CPU torch",
+            remove=("torchvision",),
         ),
         VenvSpec("sdrt-onnxruntime", requirements=("onnxruntime==1.32.0",), editable_sdrt="onnxruntime"),
         VenvSpec(
             "sdrt-openvino", requirements=("openvino==2026.4.1", "nncf==3.4.0"), editable_sdrt="openvino",
         ),
-        # The development venv tools/setup-dev.sh builds: sdrt's export side (torch, diffusers, onnx), and the harness's
-        # own helpers (the random model, FLOP counts, PSNR).
+        # The development venv tools/setup-dev.sh builds: sdrt's export side (torch, diffusers, onnx), and the
+        # harness's own helpers (the random model, FLOP counts, PSNR).
         VenvSpec("dev", requirements=(), path=ROOT / ".venv", checkout_on_path=True),
     )
 }

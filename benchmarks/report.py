@@ -59,8 +59,8 @@ def achieved(entry: dict, flops: dict) -> tuple[float, float]:
     return gflops, 100 * gflops * 1e9 / peak
 
 
-COLUMNS = ("engine", "precision", "export s", "import s", "cold start s", "s/step", "VAE decode s", "s/image", "peak RSS GiB",
-           "install MB", "GFLOP/s", "% of peak", "PSNR dB")
+COLUMNS = ("engine", "precision", "export s", "import s", "cold start s", "s/step", "VAE decode s", "s/image",
+           "peak RSS GiB", "install MB", "GFLOP/s", "% of peak", "PSNR dB")
 
 
 def row(entry: dict, flops: dict, venvs: dict) -> list[str]:

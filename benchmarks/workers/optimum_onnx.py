@@ -1,4 +1,4 @@
-"""optimum-onnx: ORTStableDiffusionPipeline (diffusers' loop, ONNX Runtime CPU sessions) on `optimum-cli export onnx`."""
+"""optimum-onnx: ORTStableDiffusionPipeline (diffusers' loop, ONNX Runtime CPU) on `optimum-cli export onnx`."""
 from __future__ import annotations
 
 import common  # first: starts the clock before torch is imported
