@@ -33,6 +33,7 @@ class ModelInfo:
     vae_scale_factor: int = 8  # pixels per latent
     default_size: int = 512
     name: str = ""
+    kind: str = ""  # "standard" | "lcm" | "turbo" (runtime/presets.py); "": detected from scheduler and name
 
 
 @dataclass(frozen=True)
@@ -65,15 +66,19 @@ class Component:
     format: str = "onnx"
     precision: str = "fp32"
     validation: dict = field(default_factory=dict)
+    # How the runtime turns images into the inputs (the safety checker's CLIPImageProcessor parameters,
+    # sdrt.runtime.safety.ClipPreprocess); empty for components fed tensors, and in bundles written before it.
+    preprocess: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "file": self.file,
             "format": self.format,
             "precision": self.precision,
             "contract": self.contract.to_dict(),
             "validation": self.validation,
         }
+        return {**d, "preprocess": self.preprocess} if self.preprocess else d
 
     @classmethod
     def from_dict(cls, name: str, d: dict) -> Component:
@@ -84,6 +89,7 @@ class Component:
             d.get("format", "onnx"),
             d.get("precision", "fp32"),
             d.get("validation", {}),
+            d.get("preprocess", {}),
         )
 
 

@@ -13,6 +13,7 @@ EXIT_USAGE = 2  # bad input: argparse's own convention, reused for every SdrtErr
 
 
 def _add_generate(sub) -> None:
+    from sdrt.runtime.presets import KINDS
     from sdrt.runtime.samplers import SAMPLERS
 
     p = sub.add_parser("generate", help="generate images from a prompt (no torch needed)")
@@ -20,8 +21,10 @@ def _add_generate(sub) -> None:
     p.add_argument("-b", "--bundle", type=Path, help="bundle folder (default: the model shipped with sdrt)")
     p.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="PNG; a batch writes NAME-0.png...")
     p.add_argument("-n", "--negative-prompt", default="")
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--cfg-scale", "--guidance-scale", dest="guidance_scale", type=float, default=7.5)
+    p.add_argument("--steps", type=int, help="default: the model kind's (25; LCM 4, turbo 1)")
+    p.add_argument("--cfg-scale", "--guidance-scale", dest="guidance_scale", type=float,
+                   help="default: the model kind's (7.5; LCM and turbo: off, which halves the UNet batch)")
+    p.add_argument("--kind", choices=list(KINDS), help="model kind whose defaults apply (default: the bundle's)")
     p.add_argument(
         "--sampler",
         help=f"one of: {', '.join(s.label for s in SAMPLERS.values())} (default: the bundle's scheduler)",
@@ -41,6 +44,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--precision", choices=["auto", "bf16", "f32"], help="openvino: compute precision (default auto: "
                    "the device's own, bf16 on CPUs with AMX)")
     p.add_argument("--hint", choices=["latency", "throughput"], help="openvino: performance hint (default latency)")
+    p.add_argument("--fast-decode", action="store_true", help="decode with the bundle's tiny decoder (TAESD)")
+    p.add_argument("--preview-every", type=int, metavar="N", help="write OUTPUT.preview.png every N steps (TAESD "
+                   "when the bundle has it, else a latent-to-RGB map at 1/8 size)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=_generate)
 
@@ -53,6 +59,8 @@ def _add_export(sub) -> None:
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="override the detected one")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--target", choices=["onnx", "openvino"], default="onnx", help="component format (default onnx)")
+    p.add_argument("--taesd", type=Path, help="AutoencoderTiny folder to add as the tiny decoder (default: the "
+                   "source's taesd/ subfolder when it has one)")
     _add_conversion_options(p)
     p.set_defaults(run=_export)
 
@@ -116,14 +124,16 @@ def _generate(args) -> int:
             prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
             steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler, schedule=args.schedule,
             seed=args.seed, seed_mode=args.seed_mode,
-            batch_size=args.batch_size, eta=args.eta, guidance_rescale=args.guidance_rescale,
+            batch_size=args.batch_size, eta=args.eta, guidance_rescale=args.guidance_rescale, kind=args.kind,
+            fast_decode=args.fast_decode,
         ).resolve(pipe.manifest)
         last = None
         total = pipe.schedule(req).steps  # model evaluations: 2n - 1 for two-stage samplers such as Heun
         steps = tqdm(pipe.denoise(req), total=total, unit="step", disable=args.quiet, desc=sampler_label(req.sampler))
         for last in steps:
-            pass
-        images = pipe.decode(last.vp_latents())
+            if args.preview_every and last.index % args.preview_every == 0 and last.index < last.total:
+                pipe.preview(last)[0].save(args.output.with_suffix(".preview.png"))
+        images = pipe.decode(last.vp_latents(), fast=req.fast_decode)
         for i, (image, path) in enumerate(zip(images, paths)):
             save_png(image, path, pipe.parameters(req, req.seed + i))
             print(f"{path} (seed {req.seed + i})")
@@ -137,7 +147,8 @@ def _export(args) -> int:
         raise SdrtError(f"export needs the export extra ({e.name} is missing): pip install 'sdrt[export]'") from None
     if args.target == "onnx" and (args.weights != "fp32" or args.quantize_unet or args.psnr_gate is not None):
         raise SdrtError("--weights, --quantize-unet and --psnr-gate apply to --target openvino; ONNX bundles are fp32")
-    options = dict(original_config=args.original_config, prediction_type=args.prediction_type, opset=args.opset)
+    options = dict(original_config=args.original_config, prediction_type=args.prediction_type, opset=args.opset,
+                   taesd=args.taesd)
     if args.target == "onnx":
         manifest = export_bundle(args.source, args.output, overwrite=args.overwrite, **options)
     else:

@@ -1,6 +1,4 @@
 """Model-kind presets: how a bundle's kind is found, how unset request fields fill, and what that does to the loop."""
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 
@@ -20,9 +18,7 @@ SD15_SCHEDULER = {
 
 
 def _manifest(name="my-model", scheduler=SD15_SCHEDULER, kind=None) -> Manifest:
-    model = ModelInfo("sd1", "epsilon", 0.18215, name=name)
-    if kind is not None:  # the proposed manifest field `model.kind`, ahead of ModelInfo carrying it
-        model = SimpleNamespace(**model.__dict__, kind=kind)
+    model = ModelInfo("sd1", "epsilon", 0.18215, name=name, kind=kind or "")
     return Manifest(model=model, components={}, scheduler=dict(scheduler))
 
 
@@ -128,3 +124,40 @@ def test_few_step_runtime_modules_import_without_torch():
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip() == "OK", proc.stderr
+
+
+# --- through a real bundle -------------------------------------------------------------------------------------
+
+def test_request_takes_the_bundles_preset_and_the_users_override():
+    from sdrt.bundle import read_manifest
+    from sdrt.runtime.pipeline import default_bundle
+    from sdrt.runtime.request import GenerationRequest
+
+    manifest = read_manifest(default_bundle())
+    standard = GenerationRequest("x").resolve(manifest)
+    assert (standard.kind, standard.steps, standard.guidance_scale) == ("standard", 25, 7.5)
+    lcm = GenerationRequest("x", kind="lcm").resolve(manifest)
+    assert (lcm.kind, lcm.steps, lcm.guidance_scale, lcm.sampler) == ("lcm", 4, 1.0, "lcm")
+    turbo = GenerationRequest("x", kind="turbo", steps=2).resolve(manifest)
+    assert (turbo.steps, turbo.guidance_scale, turbo.sampler) == (2, 0.0, "euler_ancestral")
+
+
+def test_kind_changes_the_schedule_and_is_recorded():
+    from sdrt.runtime.pipeline import Pipeline
+    from sdrt.runtime.request import GenerationRequest
+
+    with Pipeline.load() as pipe:
+        req = GenerationRequest("x", kind="turbo", seed=1).resolve(pipe.manifest)
+        np.testing.assert_array_equal(pipe.schedule(req).timesteps, [999])  # trailing, as the turbo preset sets
+        [image] = pipe.generate(req)
+    assert "Model kind: turbo" in image.parameters and "CFG scale: 0" in image.parameters
+
+
+def test_unknown_kind_is_a_request_error():
+    from sdrt.bundle import read_manifest
+    from sdrt.errors import RequestError
+    from sdrt.runtime.pipeline import default_bundle
+    from sdrt.runtime.request import GenerationRequest
+
+    with pytest.raises(RequestError, match="unknown model kind 'fast'"):
+        GenerationRequest("x", kind="fast").resolve(read_manifest(default_bundle()))

@@ -20,7 +20,9 @@ from sdrt.errors import ExportError  # noqa: E402
 from sdrt.export import export_bundle  # noqa: E402
 from sdrt.export.exporter import export_component  # noqa: E402
 from sdrt.export.taesd import TAESD_TOLERANCE, add_taesd, find_taesd, load_taesd, taesd_spec  # noqa: E402
+from sdrt.errors import RequestError  # noqa: E402
 from sdrt.runtime.pipeline import Pipeline  # noqa: E402
+from sdrt.runtime.request import GenerationRequest  # noqa: E402
 
 # ONNX Runtime against diffusers' AutoencoderTiny.decode, fp32 CPU: the export's own tolerance.
 DECODE_TOL = TAESD_TOLERANCE
@@ -156,3 +158,71 @@ def test_projection_fit_recovers_an_affine_decoder():
     assert np.abs(fitted.matrix - truth.matrix).max() <= FIT_TOL
     assert np.abs(fitted.bias - truth.bias).max() <= FIT_TOL
     assert not np.allclose(SD1_PROJECTION.matrix, truth.matrix)
+
+
+# --- through the pipeline: --fast-decode and previews ------------------------------------------------------------
+
+def _final_step(pipe, **fields):
+    req = GenerationRequest("a red circle", seed=3, steps=3, **fields).resolve(pipe.manifest)
+    last = None
+    for last in pipe.denoise(req):
+        pass
+    return req, last
+
+
+def test_fast_decode_is_the_tiny_decoder_on_the_final_latents(bundle_with_taesd, taesd_folder):
+    with Pipeline.load(bundle_with_taesd) as pipe:
+        req, last = _final_step(pipe, fast_decode=True)
+        [image] = pipe.generate(req)
+    want = _reference_decode(AutoencoderTiny.from_pretrained(taesd_folder).eval(), last.vp_latents())
+    expected = np.clip(want / 2 + 0.5, 0, 1)[0].transpose(1, 2, 0) * 255
+    assert np.abs(np.asarray(image.image, np.float64) - expected).max() <= 0.5 + 255 * DECODE_TOL
+    assert "VAE Decoder: TAESD" in image.parameters
+
+
+def test_fast_decode_without_a_tiny_decoder_is_refused(tiny_sd1_bundle):
+    with Pipeline.load(tiny_sd1_bundle) as pipe, pytest.raises(RequestError, match="tiny decoder"):
+        GenerationRequest("x", fast_decode=True).resolve(pipe.manifest)
+
+
+def test_preview_prefers_the_tiny_decoder(bundle_with_taesd):
+    with Pipeline.load(bundle_with_taesd) as pipe:
+        _, last = _final_step(pipe)
+        [preview] = pipe.preview(last)
+        [fast] = pipe.decode(last.vp_latents(), fast=True)
+    assert preview.size == (64, 64)
+    assert np.array_equal(np.asarray(preview), np.asarray(fast))
+
+
+def test_preview_of_an_sd_vae_is_the_linear_map(tiny_sd1_bundle):
+    with Pipeline.load(tiny_sd1_bundle) as pipe:
+        assert pipe.manifest.model.latent_scale_factor == 0.18215
+        _, last = _final_step(pipe)
+        previews = pipe.preview(last)
+    want = linear_preview(last.vp_latents())
+    assert [p.size for p in previews] == [(8, 8)]
+    assert np.array_equal(np.asarray(previews[0]), np.asarray(want[0]))
+
+
+def test_preview_of_another_vae_is_that_vae():
+    # The shipped model's VAE is its own (scale 0.46): SD's map means nothing there, so the preview is a decode.
+    with Pipeline.load() as pipe:
+        _, last = _final_step(pipe)
+        [preview] = pipe.preview(last)
+        [decoded] = pipe.decode(last.vp_latents())
+    assert preview.size == (64, 64)
+    assert np.array_equal(np.asarray(preview), np.asarray(decoded))
+
+
+def test_cli_fast_decode_and_previews(bundle_with_taesd, tmp_path):
+    from PIL import Image
+
+    from sdrt.cli import main
+
+    out = tmp_path / "o.png"
+    args = ["generate", "x", "-b", str(bundle_with_taesd), "-o", str(out), "--seed", "2", "-q"]
+    assert main([*args, "--kind", "lcm", "--fast-decode", "--preview-every", "1"]) == 0
+    params = Image.open(out).text["parameters"]
+    assert "Steps: 4" in params and "Sampler: LCM" in params and "VAE Decoder: TAESD" in params
+    preview = Image.open(out.with_suffix(".preview.png"))
+    assert preview.size == (64, 64) and len(np.unique(np.asarray(preview))) > 1

@@ -17,17 +17,19 @@ from sdrt.runtime.guidance import ClassifierFreeGuidance
 from sdrt.runtime.image import infotext, to_pil
 from sdrt.runtime.noise import PerImageNoise
 from sdrt.runtime.parametrization import c_in, parametrization
+from sdrt.runtime.preview import linear_preview, tiny_decoder_preview
 from sdrt.runtime.prompts import prompt_embeddings
-from sdrt.runtime.request import GenerationRequest
+from sdrt.runtime.request import GenerationRequest, scheduler_settings
 from sdrt.runtime.cfg_rescale import rescale_noise_cfg
 from sdrt.runtime.samplers import make_schedule, sample, sampler_label, schedule_label
-from sdrt.runtime.schedules import Schedule, SchedulerConfig
+from sdrt.runtime.schedules import Schedule
 from sdrt.runtime.tokenizer import ClipTokenizer
 
 log = logging.getLogger(__name__)
 
 # Components txt2img needs at load; others (vae_encoder) open on first use.
 TXT2IMG = ("text_encoder", "unet", "vae_decoder")
+SD_VAE_SCALE = 0.18215  # the scaling factor of the VAE SD 1.x and 2.x ship (their vae/config.json)
 
 
 def default_bundle() -> Path:
@@ -72,7 +74,6 @@ class Pipeline:
         self.tokenizer = ClipTokenizer.from_files(
             root / tok.vocab, root / tok.merges, max_length=tok.max_length, pad_token=tok.pad_token
         )
-        self.scheduler_config = SchedulerConfig.from_dict(manifest.scheduler)
         self.denoised_from = parametrization(manifest.model.prediction_type)
         self._sessions: dict[str, Session] = {}
         for name in TXT2IMG:
@@ -163,13 +164,27 @@ class Pipeline:
 
     def schedule(self, req: GenerationRequest) -> Schedule:
         """Noise levels and timesteps of a resolved request; `.steps` counts model evaluations."""
-        return make_schedule(req.sampler, self.scheduler_config, req.steps)
+        return make_schedule(req.sampler, scheduler_settings(self.manifest, req.kind), req.steps)
 
-    def decode(self, latents: np.ndarray) -> list[Image.Image]:
-        """VAE-decode VP-scale latents one image at a time (bounds peak memory at large sizes)."""
-        scaled = (latents / self.manifest.model.latent_scale_factor).astype(np.float32)
-        vae = self.prepared("vae_decoder", {"latents": scaled[:1]})
-        return [img for z in scaled for img in to_pil(vae.run({"latents": z[None]})["image"])]
+    def decode(self, latents: np.ndarray, fast: bool = False) -> list[Image.Image]:
+        """Decode VP-scale latents one image at a time (bounds peak memory at large sizes): the VAE, or with
+        `fast` the bundle's tiny decoder (TAESD), which takes the latents unscaled."""
+        name = "taesd_decoder" if fast else "vae_decoder"
+        scale = 1.0 if fast else self.manifest.model.latent_scale_factor
+        scaled = (latents / scale).astype(np.float32)
+        decoder = self.prepared(name, {"latents": scaled[:1]})
+        return [img for z in scaled for img in to_pil(decoder.run({"latents": z[None]})["image"])]
+
+    def preview(self, step: Step) -> list[Image.Image]:
+        """Pictures of a step's latents: the tiny decoder (TAESD) when the bundle has one; for SD's own VAE a linear
+        latent -> RGB map at latent resolution (no network); for any other VAE the VAE itself, since no cheap map
+        is known for it (on the shipped model a least-squares linear map is no closer than flat grey)."""
+        latents = step.vp_latents()
+        if "taesd_decoder" in self.manifest.components:
+            return tiny_decoder_preview(self.prepared("taesd_decoder", {"latents": latents[:1]}), latents)
+        if self.manifest.model.latent_scale_factor == SD_VAE_SCALE:  # SD 1.x and 2.x share this VAE
+            return linear_preview(latents)
+        return self.decode(latents)
 
     def generate(self, request: GenerationRequest | str, **fields) -> list[GeneratedImage]:
         """Run the whole loop and decode; accepts a request or a prompt plus request fields."""
@@ -179,7 +194,7 @@ class Pipeline:
         last = None
         for last in self.denoise(req):
             pass
-        images = self.decode(last.vp_latents())
+        images = self.decode(last.vp_latents(), fast=req.fast_decode)
         return [GeneratedImage(img, req.seed + i, self.parameters(req, req.seed + i)) for i, img in enumerate(images)]
 
     def parameters(self, req: GenerationRequest, seed: int) -> str:
@@ -197,6 +212,8 @@ class Pipeline:
             "Model": self.manifest.model.name,
             "Eta": None if req.eta is None else f"{req.eta:g}",
             "CFG Rescale phi": f"{req.guidance_rescale:g}" if req.guidance_rescale else None,
+            "Model kind": None if req.kind == "standard" else req.kind,
+            "VAE Decoder": "TAESD" if req.fast_decode else None,  # A1111's name for the TAESD choice
             "Backend": self.backend.label,
             "Version": f"sdrt {__version__}",
         }

@@ -58,7 +58,7 @@ _KIND_OF_NAME_WORD = {"lcm": "lcm", "turbo": "turbo"}
 
 def detect_kind(manifest: Manifest) -> str:
     """The bundle's model kind: its explicit `model.kind`, else its scheduler class, else a word of its name."""
-    explicit = getattr(manifest.model, "kind", "")  # bundles written before the field existed lack it
+    explicit = manifest.model.kind
     if explicit:
         if explicit not in PRESETS:
             raise ValueError(f"bundle declares model kind {explicit!r}; known kinds: {', '.join(KINDS)}")
