@@ -42,7 +42,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--backend", help="engine (default: the first installed)")
     p.add_argument("--device", help="engine device, e.g. cpu (default) or cuda")
     p.add_argument("--precision", choices=["auto", "bf16", "f32"], help="openvino: compute precision (default auto: "
-                   "the device's own, bf16 on CPUs with AMX)")
+                   "the device's own, bf16 on CPUs with AVX512-BF16 or AMX)")
     p.add_argument("--hint", choices=["latency", "throughput"], help="openvino: performance hint (default latency)")
     p.add_argument("--fast-decode", action="store_true", help="decode with the bundle's tiny decoder (TAESD)")
     p.add_argument("--preview-every", type=int, metavar="N", help="write OUTPUT.preview.png every N steps (TAESD "
