@@ -33,11 +33,9 @@ sys.path.insert(0, str(HERE / "workers"))
 
 from sdrt.bundle import read_manifest  # noqa: E402
 from sdrt.runtime.pipeline import Pipeline, default_bundle  # noqa: E402
-from sdrt.runtime.presets import PRESETS, scheduler_config  # noqa: E402
 from sdrt.runtime.image import psnr  # noqa: E402
 from sdrt.runtime.preview import SD1_PROJECTION, LatentProjection, linear_preview, tiny_decoder_preview  # noqa: E402
 from sdrt.runtime.request import GenerationRequest  # noqa: E402
-from sdrt.runtime.schedules import SchedulerConfig  # noqa: E402
 
 CACHE = HERE / ".cache" / "few-step"
 RESULTS = HERE / "results"
@@ -140,16 +138,10 @@ def measure(model: str, bundle: Path, size: int, repeats: int, random_taesd_weig
 def measure_run(pipe: Pipeline, size: int, repeats: int, label: str, sampler: str, steps: int, guidance: float,
                 kind: str) -> dict:
     """Median seconds of prompt encoding + the denoising loop for one sampler setting (the final latents kept)."""
-    # The preset's scheduler overrides (LCM ignores timestep_spacing), as the proposed request wiring applies them.
-    base = pipe.scheduler_config
-    pipe.scheduler_config = SchedulerConfig.from_dict(scheduler_config(pipe.manifest, PRESETS[kind]))
     req = GenerationRequest(PROMPT, width=size, height=size, steps=steps, guidance_scale=guidance, sampler=sampler,
-                            seed=SEED)
-    try:
-        run_loop(pipe, replace(req, steps=1))  # warm-up: first runs allocate; the shapes are those of the real run
-        loop_s, latents = timed(lambda: run_loop(pipe, req), repeats)
-    finally:
-        pipe.scheduler_config = base
+                            seed=SEED, kind=kind)  # the kind's scheduler overrides apply (LCM ignores the spacing)
+    run_loop(pipe, replace(req, steps=1))  # warm-up: first runs allocate; the shapes are those of the real run
+    loop_s, latents = timed(lambda: run_loop(pipe, req), repeats)
     return {"run": label, "sampler": sampler, "steps": steps, "guidance_scale": guidance,
             "unet_batch": 2 if guidance > 1 else 1, "loop_s": loop_s, "latents": latents}
 

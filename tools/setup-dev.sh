@@ -10,3 +10,6 @@ cd "$(dirname "$0")/.."
 # Only for its CLIP BPE vocabulary (tests build the real tokenizer from it); --no-deps keeps torchvision,
 # which would replace the CPU torch with a CUDA build, out.
 .venv/bin/python -m pip install -q --no-deps open-clip-torch==3.3.0
+# The SD scripts' invisible-watermark encoder, the reference for sdrt/runtime/watermark.py; --no-deps because it
+# declares torch (see above) and opencv-python, which would sit beside the headless OpenCV of the test extra.
+.venv/bin/python -m pip install -q --no-deps invisible-watermark==0.2.0
