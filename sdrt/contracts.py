@@ -158,3 +158,25 @@ def taesd_decoder_contract(latent_channels: int) -> Contract:
         (TensorSpec("image", "float32", (BATCH, 3, HEIGHT, WIDTH)),),
         "TAESD was trained on SD's scaled latents (AutoencoderTiny scaling_factor 1.0): fast previews, --fast-decode",
     )
+
+
+# diffusers' StableDiffusionSafetyChecker holds 17 concept and 3 special-care embeddings (safety_checker.py).
+SAFETY_CONCEPTS, SAFETY_SPECIAL_CONCEPTS = 17, 3
+
+
+def safety_checker_contract(
+    image_size: int, concepts: int = SAFETY_CONCEPTS, special_concepts: int = SAFETY_SPECIAL_CONCEPTS
+) -> Contract:
+    """Safety checker: CLIP-normalized pixels -> per-concept scores and one NSFW decision per image."""
+    return Contract(
+        "safety_checker",
+        (TensorSpec("clip_input", "float32", (BATCH, 3, image_size, image_size)),),
+        (
+            TensorSpec("concept_scores", "float32", (BATCH, concepts)),
+            TensorSpec("special_scores", "float32", (BATCH, special_concepts)),
+            TensorSpec("has_nsfw_concept", "bool", (BATCH,)),
+        ),
+        "scores are cosine similarity minus the concept's threshold (concept scores plus 0.01 when a special-care "
+        "concept scored); a concept counts when its score rounded to 3 decimals is positive, as diffusers' forward. "
+        "has_nsfw_concept is bool: a decision, not a number to threshold again (diffusers' forward_onnx is bool too)",
+    )

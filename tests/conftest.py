@@ -60,3 +60,33 @@ def tiny_sd2_v_bundle(tiny_sd2_v_dir, tmp_path_factory):
 def tiny_sd2_eps_bundle(tiny_sd2_eps_dir, tmp_path_factory):
     """The bundle exported from `tiny_sd2_eps_dir` (exported once; tests must not modify it)."""
     return _export(tiny_sd2_eps_dir, tmp_path_factory, "tiny-sd2-eps")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_safety_dir(tmp_path_factory):
+    """The tiny SD1 folder with a tiny random safety checker and its feature extractor (nothing flagged)."""
+    pytest.importorskip("diffusers")
+    from tiny_models import save_tiny_sd1_with_safety
+
+    return save_tiny_sd1_with_safety(tmp_path_factory.mktemp("models") / "tiny-sd1-safety")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_safety_bundle(tiny_sd1_safety_dir, tmp_path_factory):
+    """The bundle exported from `tiny_sd1_safety_dir`, safety_checker included (tests must not modify it)."""
+    return _export(tiny_sd1_safety_dir, tmp_path_factory, "tiny-sd1-safety")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_inpaint_dir(tmp_path_factory):
+    """The tiny SD1 folder with a 9-channel inpainting UNet, random weights."""
+    pytest.importorskip("diffusers")
+    from tiny_models import save_tiny_sd1_inpaint
+
+    return save_tiny_sd1_inpaint(tmp_path_factory.mktemp("models") / "tiny-sd1-inpaint")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_inpaint_bundle(tiny_sd1_inpaint_dir, tmp_path_factory):
+    """The bundle exported from `tiny_sd1_inpaint_dir` (exported once; tests must not modify it)."""
+    return _export(tiny_sd1_inpaint_dir, tmp_path_factory, "tiny-sd1-inpaint")

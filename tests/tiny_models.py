@@ -380,3 +380,74 @@ def open_clip_state_dict(text_tower: CLIPTextModel, seed: int = 0) -> dict[str, 
                 out[f"{dst}{theirs}.{leaf}"] = s[f"{src}{ours}.{leaf}"]
     assert len(out) == len(s) + 2 - 4 * text_tower.config.num_hidden_layers  # every weight mapped once
     return {OPEN_CLIP_PREFIX + k: v for k, v in out.items()}
+
+
+# --- safety checker ----------------------------------------------------------------------------------------------
+# A tiny CLIP vision tower for diffusers' StableDiffusionSafetyChecker: 32-pixel input in 8-pixel patches (16 + CLS
+# tokens), and a feature extractor that prepares 32-pixel crops (real SD 1.x: ViT-L/14 at 224).
+SAFETY_IMAGE_SIZE = 32
+SAFETY_VISION_SIZES = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2,
+                           image_size=SAFETY_IMAGE_SIZE, patch_size=8)
+SAFETY_PROJECTION_DIM = 16
+
+
+def build_tiny_safety_checker(seed: int = 0):
+    """A random StableDiffusionSafetyChecker; concept embeddings random too (diffusers initialises them to ones).
+
+    Thresholds stay at diffusers' initial 1.0, above any cosine: nothing is flagged until a test lowers them.
+    """
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        config = CLIPConfig(text_config=TEXT_SIZES, vision_config=SAFETY_VISION_SIZES,
+                            projection_dim=SAFETY_PROJECTION_DIM)
+        checker = StableDiffusionSafetyChecker(config)
+        with torch.no_grad():
+            checker.concept_embeds.normal_()
+            checker.special_care_embeds.normal_()
+    return checker.eval()
+
+
+def tiny_feature_extractor(size: int = SAFETY_IMAGE_SIZE):
+    """CLIPImageProcessor with the OpenAI CLIP defaults, resizing and cropping to `size`."""
+    from transformers import CLIPImageProcessor
+
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+
+
+def save_tiny_sd1_with_safety(out: Path, seed: int = 0, checker=None) -> Path:
+    """The tiny SD1 folder plus `safety_checker/` and `feature_extractor/`, as SD 1.x repositories ship them."""
+    save_tiny_sd1(out, seed=seed)
+    (checker if checker is not None else build_tiny_safety_checker(seed)).save_pretrained(out / "safety_checker")
+    tiny_feature_extractor().save_pretrained(out / "feature_extractor")
+    index = json.loads((out / "model_index.json").read_text())
+    index.update(safety_checker=["stable_diffusion", "StableDiffusionSafetyChecker"],
+                 feature_extractor=["transformers", "CLIPImageProcessor"], requires_safety_checker=True)
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    return out
+
+
+# --- inpainting --------------------------------------------------------------------------------------------------
+INPAINT_IN_CHANNELS = 9  # latents (4) + mask (1) + masked-image latents (4), as SD 1.5 / 2 inpainting UNets
+
+
+def save_tiny_sd1_inpaint(out: Path, seed: int = 0) -> Path:
+    """The tiny SD1 folder with a 9-channel inpainting UNet (random, seeded), as stable-diffusion-inpainting."""
+    save_tiny_sd1(out, seed=seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        unet = UNet2DConditionModel(
+            sample_size=SAMPLE_SIZE, in_channels=INPAINT_IN_CHANNELS, out_channels=LATENT_CHANNELS,
+            block_out_channels=tuple(UNET_CHANNELS * m for m in UNET_MULT), layers_per_block=UNET_LAYERS,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=CONTEXT_DIM, attention_head_dim=UNET_HEADS,
+        )
+    shutil.rmtree(out / "unet")
+    unet.eval().save_pretrained(out / "unet")
+    index = json.loads((out / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusionInpaintPipeline"
+    (out / "model_index.json").write_text(json.dumps(index, indent=2))
+    return out

@@ -53,6 +53,8 @@ class ComponentSpec:
     tolerance: float
     # Uniform ranges for inputs that need one (token ids, timesteps, images); the others are standard normal.
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
+    # Recorded in the manifest for components the runtime feeds from images (Component.preprocess).
+    preprocess: dict = field(default_factory=dict)
 
 
 def component_specs(model: SourceModel) -> list[ComponentSpec]:

@@ -15,6 +15,7 @@ from sdrt.export.clip_vocab import read_tokenizer_files
 from sdrt.export.components import CHECK_SHAPES, ComponentSpec, axis_sizes, component_specs, sample_inputs
 from sdrt.export.onnx_export import export_onnx, parameter_bytes
 from sdrt.export.parity import check_parity
+from sdrt.export.safety import load_safety_checker, safety_spec
 from sdrt.export.source import SourceModel, load_source
 from sdrt.export.taesd import load_taesd, taesd_spec
 
@@ -36,11 +37,13 @@ def export_bundle(
     opset: int = 17,
     overwrite: bool = False,
     taesd: Path | str | None = None,
+    safety_checker: bool = True,
 ) -> Manifest:
     """Export a diffusers folder or single file to a validated ONNX bundle at `out`; returns its manifest.
 
     `taesd`: an AutoencoderTiny folder to add as the optional `taesd_decoder`; None looks for a `taesd/` or
-    `vae_tiny/` subfolder of a diffusers folder.
+    `vae_tiny/` subfolder of a diffusers folder. `safety_checker`: export the folder's `safety_checker/` (with its
+    `feature_extractor/` preprocessing) when it has one; False leaves it out.
     """
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ExportError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
@@ -53,6 +56,9 @@ def export_bundle(
         tiny = load_taesd(taesd, source)
         if tiny is not None:
             specs.append(taesd_spec(tiny, info))
+        safety = load_safety_checker(source) if safety_checker else None  # (module, preprocessing) or None
+        if safety is not None:
+            specs.append(safety_spec(*safety))
         components = {}
         for spec in specs:
             components[spec.name] = export_component(spec, writer.path, opset, info.vae_scale_factor)
@@ -79,7 +85,7 @@ def export_component(spec: ComponentSpec, root: Path, opset: int, vae_scale_fact
         "%s: exported in %.1f s, validated in %.1f s: max abs error %.2e (tolerance %g)", spec.name,
         exported - start, time.perf_counter() - exported, validation["max_abs_error"], spec.tolerance,
     )
-    return Component(spec.name, rel, spec.contract, validation=validation)
+    return Component(spec.name, rel, spec.contract, validation=validation, preprocess=spec.preprocess)
 
 
 def model_info(model: SourceModel, prediction_type: str | None) -> ModelInfo:
