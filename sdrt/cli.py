@@ -48,7 +48,38 @@ def _add_generate(sub) -> None:
     p.add_argument("--preview-every", type=int, metavar="N", help="write OUTPUT.preview.png every N steps (TAESD "
                    "when the bundle has it, else a latent-to-RGB map at 1/8 size)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_img2img_options(p)
     p.set_defaults(run=_generate)
+
+
+def _add_img2img_options(p) -> None:
+    g = p.add_argument_group("img2img and inpainting")
+    g.add_argument("--init-image", type=Path, metavar="IMG", help="start from this image (img2img); the size "
+                   "defaults to the image's")
+    g.add_argument("--strength", type=float, help="denoising strength in (0, 1] (default 0.75): how far the "
+                   "image may move from the init image")
+    g.add_argument("--mask", type=Path, metavar="MASK", help="inpaint: white repaints, black keeps (same size as "
+                   "the init image)")
+    g.add_argument("--mask-blur", type=int, default=0, metavar="N", help="blur the mask by N pixels and paste the "
+                   "result over the original through it (A1111's Mask blur)")
+    g.add_argument("--inpaint-only-masked", action="store_true", help="generate a crop around the mask at the "
+                   "request size and paste it back (A1111's Inpaint area: Only masked)")
+    g.add_argument("--padding", type=int, default=32, metavar="N", help="pixels around the mask for "
+                   "--inpaint-only-masked (default 32)")
+
+
+def _open_image(path: Path | None, what: str):
+    """The image at `path` (None: none), fully read; unreadable files are one-line errors."""
+    from PIL import Image, UnidentifiedImageError
+
+    if path is None:
+        return None
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (OSError, UnidentifiedImageError) as e:
+        raise SdrtError(f"cannot read the {what} {path}: {getattr(e, 'strerror', None) or e}") from None
 
 
 def _add_export(sub) -> None:
@@ -61,6 +92,8 @@ def _add_export(sub) -> None:
     p.add_argument("--target", choices=["onnx", "openvino"], default="onnx", help="component format (default onnx)")
     p.add_argument("--taesd", type=Path, help="AutoencoderTiny folder to add as the tiny decoder (default: the "
                    "source's taesd/ subfolder when it has one)")
+    p.add_argument("--no-safety-checker", action="store_true", help="leave out the source's safety_checker/ "
+                   "(exported by default when a diffusers folder has one)")
     _add_conversion_options(p)
     p.set_defaults(run=_export)
 
@@ -117,6 +150,7 @@ def _generate(args) -> int:
     paths = _output_paths(args.output, max(args.batch_size, 1))
     for path in paths:
         check_writable(path)
+    init_image, mask = _open_image(args.init_image, "init image"), _open_image(args.mask, "mask")
     given = {"device": args.device, "precision": args.precision, "hint": args.hint}
     options = {k: v for k, v in given.items() if v is not None}
     with Pipeline.load(args.bundle, backend=args.backend, **options) as pipe:
@@ -125,7 +159,9 @@ def _generate(args) -> int:
             steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler, schedule=args.schedule,
             seed=args.seed, seed_mode=args.seed_mode,
             batch_size=args.batch_size, eta=args.eta, guidance_rescale=args.guidance_rescale, kind=args.kind,
-            fast_decode=args.fast_decode,
+            fast_decode=args.fast_decode, init_image=init_image, strength=args.strength, mask=mask,
+            mask_blur=args.mask_blur,
+            inpaint_full_res=args.inpaint_only_masked, inpaint_full_res_padding=args.padding,
         ).resolve(pipe.manifest)
         last = None
         total = pipe.schedule(req).steps  # model evaluations: 2n - 1 for two-stage samplers such as Heun
@@ -133,7 +169,7 @@ def _generate(args) -> int:
         for last in steps:
             if args.preview_every and last.index % args.preview_every == 0 and last.index < last.total:
                 pipe.preview(last)[0].save(args.output.with_suffix(".preview.png"))
-        images = pipe.decode(last.vp_latents(), fast=req.fast_decode)
+        images = pipe.finish(req, pipe.decode(last.vp_latents(), fast=req.fast_decode))
         for i, (image, path) in enumerate(zip(images, paths)):
             save_png(image, path, pipe.parameters(req, req.seed + i))
             print(f"{path} (seed {req.seed + i})")
@@ -148,7 +184,7 @@ def _export(args) -> int:
     if args.target == "onnx" and (args.weights != "fp32" or args.quantize_unet or args.psnr_gate is not None):
         raise SdrtError("--weights, --quantize-unet and --psnr-gate apply to --target openvino; ONNX bundles are fp32")
     options = dict(original_config=args.original_config, prediction_type=args.prediction_type, opset=args.opset,
-                   taesd=args.taesd)
+                   taesd=args.taesd, safety_checker=not args.no_safety_checker)
     if args.target == "onnx":
         manifest = export_bundle(args.source, args.output, overwrite=args.overwrite, **options)
     else:

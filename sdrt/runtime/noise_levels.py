@@ -131,6 +131,19 @@ class Schedule:
         """Number of model evaluations."""
         return len(self.timesteps)
 
+    def starting_at(self, begin: int) -> Schedule:
+        """The schedule from evaluation `begin` on (img2img). Multistep orders warm up again: diffusers' solvers
+        count their history (lower_order_nums) from the first step they take, not from the first timestep."""
+        if begin == 0:
+            return self
+
+        def cut(a):
+            return None if a is None else a[begin:]
+
+        orders = None if self.orders is None else tuple(min(o, j + 1) for j, o in enumerate(self.orders[begin:]))
+        return Schedule(self.sigmas[begin:], self.timesteps[begin:], self.init_noise_sigma,
+                        cut(self.sigmas_from), cut(self.sigmas_to), orders)
+
 
 # ---- training noise schedule (diffusers' __init__) ----
 

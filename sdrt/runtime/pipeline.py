@@ -15,6 +15,10 @@ from sdrt.bundle import Manifest, read_manifest, verify_files
 from sdrt.errors import BundleError
 from sdrt.runtime.guidance import ClassifierFreeGuidance
 from sdrt.runtime.image import infotext, to_pil
+from sdrt.runtime.img2img import (
+    Encoder, Start, extra_unet_channels, image_array, img2img_start, inpaint_start, txt2img_start,
+)
+from sdrt.runtime.masks import InpaintArea, inpaint_area, mask_array
 from sdrt.runtime.noise import PerImageNoise
 from sdrt.runtime.parametrization import c_in, parametrization
 from sdrt.runtime.preview import linear_preview, tiny_decoder_preview
@@ -131,15 +135,21 @@ class Pipeline:
         embeddings = self.encode_prompts([req.negative_prompt] * b + [req.prompt] * b)
         return ClassifierFreeGuidance(cond=embeddings[b:], uncond=embeddings[:b], scale=req.guidance_scale)
 
-    def _model(self, guidance: ClassifierFreeGuidance, shape: tuple[int, ...], rescale: float):
-        """The denoiser D(x, sigma, t) the samplers call: scale input, guided UNet, prediction -> denoised."""
+    def _model(self, guidance: ClassifierFreeGuidance, start: Start, rescale: float):
+        """The denoiser D(x, sigma, t) the samplers call: scale input, append the start's extra channels (after the
+        scaling, as diffusers' inpaint pipeline does), guided UNet, prediction -> denoised."""
         context = guidance.context()
-        x_in = guidance.batch(np.zeros(shape, np.float32))
-        unet = self.prepared("unet", _unet_feeds(x_in, 0.0, context))
+        channels = guidance.batch(start.unet_channels().astype(np.float32))
+        extra = {name: guidance.batch(value) for name, value in start.feeds.items()}
+
+        def feeds(x: np.ndarray, sigma: float, t: float) -> dict[str, np.ndarray]:
+            x_in = np.concatenate([guidance.batch((x * c_in(sigma)).astype(np.float32)), channels], axis=1)
+            return {**_unet_feeds(x_in, t, context), **extra}
+
+        unet = self.prepared("unet", feeds(start.latents, 0.0, 0.0))
 
         def model(x: np.ndarray, sigma: float, t: float) -> np.ndarray:
-            x_in = guidance.batch((x * c_in(sigma)).astype(np.float32))
-            out = unet.run(_unet_feeds(x_in, t, context))["model_output"]
+            out = unet.run(feeds(x, sigma, t))["model_output"]
             guided = guidance.combine(out)
             if rescale and guidance.enabled:  # on the eps / v output, where diffusers applies it
                 guided = rescale_noise_cfg(guided, np.split(out, 2)[1], rescale)
@@ -156,15 +166,52 @@ class Pipeline:
         req = request.resolve(self.manifest)
         noise = PerImageNoise(req.seed, req.batch_size, req.seed_mode)
         schedule = self.schedule(req)
-        shape = self.latent_shape(req)
-        model = self._model(self._guidance(req), shape, req.guidance_rescale)
-        x = noise(shape) * schedule.init_noise_sigma
-        for i, x in enumerate(sample(req.sampler, model, x, schedule, noise, eta=req.eta), start=1):
-            yield Step(i, schedule.steps, float(schedule.sigmas[i]), x)
+        start = self.start(req, noise, schedule)
+        model = self._model(self._guidance(req), start, req.guidance_rescale)
+        steps = sample(req.sampler, model, start.latents, schedule, noise, eta=req.eta)
+        x, total = next(steps), schedule.steps
+        for i in range(1, total + 1):
+            sigma = float(schedule.sigmas[i])
+            x = start.blend(x, sigma, i == total)
+            yield Step(i, total, sigma, x)
+            if i < total:
+                x = steps.send(x)  # the sampler continues from the blended latents (samplers_basic.emit)
 
     def schedule(self, req: GenerationRequest) -> Schedule:
-        """Noise levels and timesteps of a resolved request; `.steps` counts model evaluations."""
-        return make_schedule(req.sampler, scheduler_settings(self.manifest, req.kind), req.steps)
+        """Noise levels and timesteps of a resolved request (cut by img2img's strength); `.steps` counts model
+        evaluations."""
+        config = scheduler_settings(self.manifest, req.kind)
+        return make_schedule(req.sampler, config, req.steps, 1.0 if req.strength is None else req.strength)
+
+    def start(self, req: GenerationRequest, noise: PerImageNoise, schedule: Schedule) -> Start:
+        """What the loop starts from: noise, or the init image's latents (img2img, inpainting)."""
+        shape = self.latent_shape(req)
+        if req.init_image is None:
+            return txt2img_start(noise, shape, schedule)
+        area = self.area(req)
+        image, encode = image_array(area.image), self._encoder(req.batch_size, noise)
+        if area.mask is None:
+            return img2img_start(encode, image, noise, shape, schedule)
+        conditioned = extra_unet_channels(self.manifest) > 0
+        return inpaint_start(encode, image, mask_array(area.mask), noise, shape, schedule, req.strength == 1.0,
+                             conditioned)
+
+    def area(self, req: GenerationRequest) -> InpaintArea:
+        """Where a resolved img2img / inpaint request generates, and how its output goes back (A1111's options)."""
+        return inpaint_area(req.init_image, req.mask, req.width, req.height, req.mask_blur, req.inpaint_full_res,
+                            req.inpaint_full_res_padding)
+
+    def _encoder(self, batch: int, noise: PerImageNoise) -> Encoder:
+        """image [1, 3, H, W] -> scaled latents for each image of the batch, each sampled with its own generator
+        (diffusers' img2img: latent_dist.sample(generator[i]) of the image repeated to the batch)."""
+        scale = np.float32(self.manifest.model.latent_scale_factor)
+
+        def encode(image: np.ndarray) -> np.ndarray:
+            out = self.prepared("vae_encoder", {"image": image}).run({"image": image})
+            mean, std = (np.repeat(out[name], batch, axis=0) for name in ("latent_mean", "latent_std"))
+            return (mean + std * noise(mean.shape)) * scale
+
+        return encode
 
     def decode(self, latents: np.ndarray, fast: bool = False) -> list[Image.Image]:
         """Decode VP-scale latents one image at a time (bounds peak memory at large sizes): the VAE, or with
@@ -194,8 +241,16 @@ class Pipeline:
         last = None
         for last in self.denoise(req):
             pass
-        images = self.decode(last.vp_latents(), fast=req.fast_decode)
+        images = self.finish(req, self.decode(last.vp_latents(), fast=req.fast_decode))
         return [GeneratedImage(img, req.seed + i, self.parameters(req, req.seed + i)) for i, img in enumerate(images)]
+
+    def finish(self, req: GenerationRequest, images: list[Image.Image]) -> list[Image.Image]:
+        """Decoded images -> output images: inpainting pastes them into the init image where A1111 would (a mask
+        blur, or "only masked"); otherwise they are returned as decoded."""
+        if req.init_image is None:
+            return images
+        area = self.area(req)
+        return [area.paste(img) for img in images]
 
     def parameters(self, req: GenerationRequest, seed: int) -> str:
         """A1111 infotext for one image of a resolved request."""
@@ -210,6 +265,11 @@ class Pipeline:
             "RNG": "CPU" if req.seed_mode == "cpu" else None,  # A1111 writes it when not its default GPU source
             "Model hash": source.get("sha256", "")[:10],
             "Model": self.manifest.model.name,
+            "Denoising strength": None if req.init_image is None else f"{req.strength:g}",
+            "Mask blur": req.mask_blur or None,
+            "Inpaint area": "Only masked" if req.mask is not None and req.inpaint_full_res else None,
+            "Masked area padding": req.inpaint_full_res_padding if req.mask is not None and req.inpaint_full_res
+            else None,
             "Eta": None if req.eta is None else f"{req.eta:g}",
             "CFG Rescale phi": f"{req.guidance_rescale:g}" if req.guidance_rescale else None,
             "Model kind": None if req.kind == "standard" else req.kind,

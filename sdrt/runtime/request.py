@@ -5,8 +5,11 @@ import math
 import secrets
 from dataclasses import dataclass, replace
 
+from PIL import Image
+
 from sdrt.bundle import Manifest
 from sdrt.errors import RequestError
+from sdrt.runtime.img2img import INPAINT_CHANNELS, extra_unet_channels, rgb
 from sdrt.runtime.noise import SEED_MODES
 from sdrt.runtime.presets import preset_for, scheduler_config
 from sdrt.runtime.samplers import make_schedule, resolve_sampler
@@ -14,6 +17,7 @@ from sdrt.runtime.schedules import SchedulerConfig
 
 MAX_STEPS = 1000
 MAX_SEED = 2**64  # torch.Generator.manual_seed accepts 64-bit seeds
+DEFAULT_STRENGTH = 0.75  # A1111's "Denoising strength" and StableDiffusionImg2ImgPipeline's default
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,13 @@ class GenerationRequest:
     guidance_rescale: float = 0.0  # Lin et al. 2023 sec. 3.4 (0.7 there), for zero-terminal-SNR models
     kind: str | None = None  # model kind whose preset fills unset fields; None: the bundle's (presets.detect_kind)
     fast_decode: bool = False  # decode with the bundle's tiny decoder (TAESD) instead of the VAE
+    # img2img and inpainting (A1111's names). Images are PIL images; `resolve` converts them to RGB and L.
+    init_image: Image.Image | None = None  # transparency is flattened onto white, as A1111 does
+    strength: float | None = None  # A1111's "Denoising strength", (0, 1]; None: 0.75 with an init image
+    mask: Image.Image | None = None  # white = repaint; binarized at 0.5 as diffusers does
+    mask_blur: int = 0  # A1111's "Mask blur" in pixels: softens the mask and pastes the result over the original
+    inpaint_full_res: bool = False  # A1111's "Inpaint area: Only masked": generate a crop around the mask
+    inpaint_full_res_padding: int = 32  # A1111's "Only masked padding, pixels" around the mask's bounding box
 
     def resolve(self, manifest: Manifest) -> GenerationRequest:
         """Fill defaults from the bundle and check every field, raising RequestError with a one-line reason."""
@@ -46,16 +57,30 @@ class GenerationRequest:
         size = manifest.model.default_size
         seed = secrets.randbelow(2**32) if self.seed is None else self.seed
         req = replace(
-            self, width=self.width or size, height=self.height or size, steps=steps, guidance_scale=guidance_scale,
-            sampler=sampler or default_sampler(manifest.scheduler), seed=seed, kind=preset.kind,
+            self, steps=steps, guidance_scale=guidance_scale,
+            sampler=sampler or default_sampler(manifest.scheduler), seed=seed, kind=preset.kind, **self._images(size),
         )
         req._check(manifest)
         try:
             req = replace(req, sampler=resolve_sampler(req.sampler, req.schedule), schedule=None)
-            make_schedule(req.sampler, scheduler_settings(manifest, req.kind), req.steps)
-        except ValueError as e:  # unknown name, a schedule type the sampler lacks, LCM's step limit...
+            make_schedule(req.sampler, scheduler_settings(manifest, req.kind), req.steps, req.strength or 1.0)
+        except ValueError as e:  # unknown name, a schedule type the sampler lacks, LCM's step limit, no step left...
             raise RequestError(str(e)) from None
         return req
+
+    def _images(self, size: int) -> dict:
+        """Size (default: the init image's, else the model's), init image as RGB, mask as L, default strength."""
+        if self.init_image is None:
+            return {"width": self.width or size, "height": self.height or size}
+        for what, value in (("init image", self.init_image), ("mask", self.mask)):
+            if value is not None and not isinstance(value, Image.Image):
+                raise RequestError(f"{what} must be a PIL image, got {type(value).__name__}")
+        image = rgb(self.init_image)
+        return {
+            "init_image": image, "mask": None if self.mask is None else self.mask.convert("L"),
+            "strength": DEFAULT_STRENGTH if self.strength is None else self.strength,
+            "width": self.width or image.width, "height": self.height or image.height,
+        }
 
     def _check(self, manifest: Manifest) -> None:
         if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
@@ -79,6 +104,43 @@ class GenerationRequest:
             raise RequestError(f"guidance rescale must be within [0, 1], got {self.guidance_rescale!r}")
         if self.fast_decode and "taesd_decoder" not in manifest.components:
             raise RequestError("fast decode needs a bundle with a tiny decoder (sdrt export --taesd FOLDER)")
+        self._check_images(manifest)
+
+    def _check_images(self, manifest: Manifest) -> None:
+        extra = extra_unet_channels(manifest)
+        if extra not in (0, INPAINT_CHANNELS):
+            raise RequestError(f"the bundle's UNet takes {extra} extra input channels: only inpainting UNets "
+                               f"({INPAINT_CHANNELS}) are supported")
+        if self.init_image is None:
+            given = [name for name, v in (("a mask", self.mask), ("a strength", self.strength)) if v is not None]
+            if given:
+                raise RequestError(f"{' and '.join(given)} need{'s' if len(given) == 1 else ''} an init image")
+            if extra:
+                raise RequestError("the bundle's UNet is an inpainting model: give an init image and a mask")
+            return
+        if "vae_encoder" not in manifest.components:
+            raise RequestError("img2img needs a bundle with a vae_encoder")
+        if not isinstance(self.strength, (int, float)) or not 0.0 < self.strength <= 1.0:
+            raise RequestError(f"strength must be within (0, 1], got {self.strength!r}")
+        w, h = self.init_image.size
+        if not self.inpaint_full_res and (w, h) != (self.width, self.height):
+            raise RequestError(f"init image: expected {self.width}x{self.height} (the request size), got {w}x{h}")
+        self._check_mask(extra)
+
+    def _check_mask(self, extra: int) -> None:
+        if self.mask is None:
+            if extra:
+                raise RequestError("the bundle's UNet is an inpainting model: give a mask")
+            if self.mask_blur or self.inpaint_full_res:
+                raise RequestError("mask blur and only-masked inpainting need a mask")
+            return
+        if self.mask.size != self.init_image.size:
+            w, h = self.init_image.size
+            mw, mh = self.mask.size
+            raise RequestError(f"mask: expected {w}x{h} (the init image's size), got {mw}x{mh}")
+        for what, value in (("mask blur", self.mask_blur), ("padding", self.inpaint_full_res_padding)):
+            if not isinstance(value, int) or value < 0:
+                raise RequestError(f"{what} must be an integer >= 0, got {value!r}")
 
 
 def _check_size(manifest: Manifest, what: str, value: object) -> None:

@@ -168,10 +168,10 @@ def scheduler_for(name: str) -> tuple[str, dict]:
     return spec.scheduler, {**spec.options, **(SCHEDULE_TYPES[schedule].options if schedule else {})}
 
 
-def make_schedule(name: str, config: SchedulerConfig, steps: int) -> Schedule:
-    """The schedule that `name`'s diffusers scheduler builds in set_timesteps(steps)."""
+def make_schedule(name: str, config: SchedulerConfig, steps: int, strength: float = 1.0) -> Schedule:
+    """The schedule that `name`'s diffusers scheduler builds in set_timesteps(steps), cut by img2img's strength."""
     scheduler, overrides = scheduler_for(name)
-    return build_schedule(scheduler, config, steps, **overrides)
+    return build_schedule(scheduler, config, steps, strength, **overrides)
 
 
 def sample(

@@ -1,9 +1,10 @@
 """First-order and linear-multistep samplers in VE space: Euler, Euler a, DDIM, PLMS (PNDM), LMS, LCM.
 
-Every sampler has the shape `sample_x(model, x, schedule, noise=None, **options) -> Iterator[np.ndarray]`:
+Every sampler has the shape `sample_x(model, x, schedule, noise=None, **options) -> Steps`:
 `model(x, sigma, t) -> denoised` (the caller scales x by 1 / sqrt(sigma^2 + 1) for the UNet, runs guidance and
 converts eps / v to denoised), `noise(shape)` draws fresh standard normal noise, and the latents are yielded
-after every model evaluation. Update formulas follow crowsonkb/k-diffusion k_diffusion/sampling.py; where a
+after every model evaluation; a consumer may `send` replacement latents for the ones just yielded (`emit`).
+Update formulas follow crowsonkb/k-diffusion k_diffusion/sampling.py; where a
 diffusers scheduler deviates (PNDM's start, DDIM's off-grid prev_timestep, ancestral noise drawn even at the
 last step) the diffusers behaviour is reproduced. numpy only.
 """
@@ -11,7 +12,7 @@ last step) the diffusers behaviour is reproduced. numpy only.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 
 import numpy as np
 from numpy.polynomial import Polynomial
@@ -20,7 +21,8 @@ from .noise_levels import Schedule
 
 Denoiser = Callable[[np.ndarray, float, float], np.ndarray]
 NoiseFn = Callable[[tuple[int, ...]], np.ndarray]
-Steps = Iterator[np.ndarray]  # the latents after every model evaluation
+# The latents after every model evaluation; `send(latents)` replaces the ones just yielded (see `emit`).
+Steps = Generator[np.ndarray, "np.ndarray | None", None]
 
 # Adams-Bashforth weights, newest eps first: PNDMScheduler.step_plms (PNDM paper eq. 12).
 PLMS_WEIGHTS = {
@@ -33,6 +35,19 @@ LMS_ORDER = 4  # LMSDiscreteScheduler.step(order=4), k-diffusion sample_lms(orde
 # LCMScheduler's boundary condition (Song et al. 2023 consistency models, eq. 8 with LCM's scaled timestep).
 LCM_SIGMA_DATA = 0.5
 LCM_TIMESTEP_SCALING = 10.0  # LCMScheduler's class default; every published LCM config keeps it
+
+
+def emit(x: np.ndarray) -> Generator[np.ndarray, "np.ndarray | None", np.ndarray]:
+    """Yield the latents and return what the consumer sent back in their place (the same latents when it sent none).
+
+    Inpainting with an ordinary UNet replaces the unmasked latents after every scheduler step (diffusers'
+    StableDiffusionInpaintPipeline: `latents = (1 - mask) * noised_image + mask * latents`), and the next step must
+    start from the blend. An explicit send is used rather than letting consumers write the yielded array in place:
+    the sampler owns its arrays (some keep earlier latents as history), and `x = yield from emit(x)` shows at each
+    yield which variable a consumer may replace. Plain iteration (`next`) sends None and changes nothing.
+    """
+    sent = yield x
+    return x if sent is None else sent
 
 
 def to_d(x: np.ndarray, sigma: float, denoised: np.ndarray) -> np.ndarray:
@@ -76,7 +91,7 @@ def sample_euler(model: Denoiser, x: np.ndarray, schedule: Schedule, noise: Nois
     for i, t in enumerate(ts):
         denoised = model(x, sigmas[i], t)
         x = x + to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
-        yield x
+        x = yield from emit(x)
 
 
 def sample_euler_ancestral(
@@ -91,7 +106,7 @@ def sample_euler_ancestral(
         x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
         # diffusers draws randn even for the last step (sigma_up = 0); k-diffusion skips it.
         x = x + noise(x.shape) * sigma_up
-        yield x
+        x = yield from emit(x)
 
 
 def sample_ddim(
@@ -111,7 +126,7 @@ def sample_ddim(
         if eta > 0:
             x = x + noise(x.shape) * sigma_up
         x = relabel(x, s_to[i], sigmas[i + 1])
-        yield x
+        x = yield from emit(x)
 
 
 def _plms_eps(history: list[np.ndarray]) -> np.ndarray:
@@ -140,7 +155,7 @@ def sample_pndm(model: Denoiser, x: np.ndarray, schedule: Schedule, noise: Noise
         # PNDM paper eq. 9 (_get_prev_sample) is the DDIM transfer: in VE space x += (sigma' - sigma) eps.
         x = x + eps * (s_to[i] - s_from[i])
         x = relabel(x, s_to[i], sigmas[i + 1])
-        yield x
+        x = yield from emit(x)
 
 
 def _lms_coefficient(sigmas: list[float], i: int, order: int, j: int) -> float:
@@ -164,7 +179,7 @@ def sample_lms(
         cur_order = min(i + 1, order)
         coeffs = [_lms_coefficient(sigmas, i, cur_order, j) for j in range(cur_order)]
         x = x + sum(c * d for c, d in zip(coeffs, reversed(ds)))
-        yield x
+        x = yield from emit(x)
 
 
 def lcm_boundary(t: float, timestep_scaling: float = LCM_TIMESTEP_SCALING) -> tuple[float, float]:
@@ -187,4 +202,4 @@ def sample_lcm(model: Denoiser, x: np.ndarray, schedule: Schedule, noise: NoiseF
         # diffusers applies c_skip to the VP sample x / sqrt(1 + sigma^2).
         denoised = c_out * model(x, sigmas[i], t) + c_skip * x / math.sqrt(1.0 + sigmas[i] ** 2)
         x = denoised if i == len(ts) - 1 else denoised + noise(x.shape) * sigmas[i + 1]
-        yield x
+        x = yield from emit(x)

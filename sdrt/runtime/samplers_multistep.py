@@ -13,7 +13,7 @@ import numpy as np
 from numpy.polynomial import Polynomial
 
 from .noise_levels import Schedule
-from .samplers_basic import Denoiser, NoiseFn, Steps, need_noise, to_d
+from .samplers_basic import Denoiser, NoiseFn, Steps, emit, need_noise, to_d
 
 
 def _lambda(sigma: float) -> float:
@@ -49,7 +49,7 @@ def sample_dpmpp_2m(model: Denoiser, x: np.ndarray, schedule: Schedule, noise: N
         ratio = sigma_next / sigma
         x = ratio * x + (1 - ratio) * denoised_d
         old_denoised = denoised
-        yield x
+        x = yield from emit(x)
 
 
 def sample_dpmpp_2m_sde(
@@ -79,7 +79,7 @@ def sample_dpmpp_2m_sde(
                 x = x + SDE_SECOND_ORDER[solver_type](h, decay) / r * (denoised - old_denoised)
             x = x + z * sigma_next * math.sqrt(decay)
         old_denoised = denoised
-        yield x
+        x = yield from emit(x)
 
 
 # ---- UniPC (Zhao et al. 2023), B(h) = expm1(-h) ("bh2"), data prediction ----
@@ -133,7 +133,7 @@ def sample_unipc(model: Denoiser, x: np.ndarray, schedule: Schedule, noise: Nois
         history.append(denoised)
         last_x = x
         x = _unipc_update(x, sigmas[: i + 1], history, sigmas[i + 1], orders[i])
-        yield x
+        x = yield from emit(x)
 
 
 # ---- DEIS (Zhang & Chen 2022), rho-AB with polynomial extrapolation in log rho ----
@@ -169,4 +169,4 @@ def sample_deis(model: Denoiser, x: np.ndarray, schedule: Schedule, noise: Noise
             _deis_coefficient(log_rhos, k, sigmas[i], sigmas[i + 1]) * eps[-1 - k] for k in range(order)
         )
         eps = eps[-3:]
-        yield x
+        x = yield from emit(x)

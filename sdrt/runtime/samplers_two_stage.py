@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .noise_levels import Schedule
-from .samplers_basic import Denoiser, NoiseFn, Steps, get_ancestral_step, need_noise, to_d
+from .samplers_basic import Denoiser, NoiseFn, Steps, emit, get_ancestral_step, need_noise, to_d
 
 
 @dataclass(frozen=True)
@@ -49,13 +49,13 @@ def sample_heun(model: Denoiser, x: np.ndarray, schedule: Schedule, noise: Noise
         d = to_d(x, step.sigma, model(x, step.sigma, step.t))
         dt = step.sigma_next - step.sigma
         x_2 = x + d * dt
-        yield x_2
+        x_2 = yield from emit(x_2)
         if step.sigma_stage is None:
             x = x_2
             continue
         d_2 = to_d(x_2, step.sigma_next, model(x_2, step.sigma_next, step.t_stage))
         x = x + (d + d_2) / 2 * dt  # the trapezoid rule: average the slopes at both ends
-        yield x
+        x = yield from emit(x)
 
 
 def sample_dpm_2(model: Denoiser, x: np.ndarray, schedule: Schedule, noise: NoiseFn | None = None) -> Steps:
@@ -64,13 +64,13 @@ def sample_dpm_2(model: Denoiser, x: np.ndarray, schedule: Schedule, noise: Nois
         denoised = model(x, step.sigma, step.t)
         if step.sigma_stage is None:
             x = _euler(x, step, denoised, step.sigma_next)
-            yield x
+            x = yield from emit(x)
             continue
         x_2 = _euler(x, step, denoised, step.sigma_stage)
-        yield x_2
+        x_2 = yield from emit(x_2)
         d_2 = to_d(x_2, step.sigma_stage, model(x_2, step.sigma_stage, step.t_stage))
         x = x + d_2 * (step.sigma_next - step.sigma)
-        yield x
+        x = yield from emit(x)
 
 
 def sample_dpm_2_ancestral(
@@ -83,13 +83,13 @@ def sample_dpm_2_ancestral(
         sigma_down, sigma_up = get_ancestral_step(step.sigma, step.sigma_next)
         if step.sigma_stage is None:
             x = _euler(x, step, denoised, sigma_down)
-            yield x
+            x = yield from emit(x)
             continue
         x_2 = _euler(x, step, denoised, step.sigma_stage)
-        yield x_2
+        x_2 = yield from emit(x_2)
         d_2 = to_d(x_2, step.sigma_stage, model(x_2, step.sigma_stage, step.t_stage))
         x = x + d_2 * (sigma_down - step.sigma) + noise(x.shape) * sigma_up
-        yield x
+        x = yield from emit(x)
 
 
 def _dpmpp_1s(x: np.ndarray, sigma: float, sigma_to: float, denoised: np.ndarray) -> np.ndarray:
@@ -112,13 +112,13 @@ def sample_dpmpp_2s_ancestral(
         sigma_down, sigma_up = get_ancestral_step(step.sigma, step.sigma_next)
         if step.sigma_stage is None:
             x = _euler(x, step, denoised, sigma_down)
-            yield x
+            x = yield from emit(x)
             continue
         x_2 = _dpmpp_1s(x, step.sigma, step.sigma_stage, denoised)
-        yield x_2
+        x_2 = yield from emit(x_2)
         denoised_2 = model(x_2, step.sigma_stage, step.t_stage)
         x = _dpmpp_1s(x, step.sigma, sigma_down, denoised_2) + noise(x.shape) * sigma_up
-        yield x
+        x = yield from emit(x)
 
 
 class BrownianSteps:
@@ -156,13 +156,13 @@ def sample_dpmpp_sde(model: Denoiser, x: np.ndarray, schedule: Schedule, noise: 
         denoised = model(x, step.sigma, step.t)
         if step.sigma_stage is None:
             x = _euler(x, step, denoised, step.sigma_next)
-            yield x
+            x = yield from emit(x)
             continue
         brownian = BrownianSteps(noise, x.shape, step.sigma, step.sigma_stage, step.sigma_next)
         sigma_down, sigma_up = get_ancestral_step(step.sigma, step.sigma_stage)
         x_2 = _dpmpp_1s(x, step.sigma, sigma_down, denoised) + brownian.to_stage() * sigma_up
-        yield x_2
+        x_2 = yield from emit(x_2)
         denoised_2 = model(x_2, step.sigma_stage, step.t_stage)
         sigma_down, sigma_up = get_ancestral_step(step.sigma, step.sigma_next)
         x = _dpmpp_1s(x, step.sigma, sigma_down, denoised_2) + brownian.to_next() * sigma_up
-        yield x
+        x = yield from emit(x)

@@ -25,7 +25,7 @@ from .noise_levels import (
     vp_to_ve,
 )
 
-__all__ = ["Schedule", "SchedulerConfig", "build_schedule", "BUILDERS", "alphas_cumprod"]
+__all__ = ["Schedule", "SchedulerConfig", "build_schedule", "skipped_steps", "BUILDERS", "alphas_cumprod"]
 
 # Config flags each diffusers class honours that this module does not reproduce (only False is supported).
 UNSUPPORTED_FLAGS = {
@@ -51,6 +51,12 @@ SIGMA_KIND_CLASSES = frozenset({
     "UniPCMultistepScheduler", "DEISMultistepScheduler",
 })
 
+# diffusers' `scheduler.order`, model evaluations per step, where it is not 1: get_timesteps skips order * t_start.
+SCHEDULER_ORDER = {
+    "HeunDiscreteScheduler": 2, "KDPM2DiscreteScheduler": 2, "KDPM2AncestralDiscreteScheduler": 2,
+    "DPMSolverSDEScheduler": 2,
+}
+
 # Classes whose timesteps ignore config.timestep_spacing (LCM picks from its own 50-step grid): no SGM Uniform.
 NO_SPACING_CLASSES = frozenset({"LCMScheduler"})
 
@@ -68,12 +74,18 @@ def ddim_schedule(config: SchedulerConfig, steps: int) -> Schedule:
     return _ddpm_family(config, steps, "DDIMScheduler", repeat_second=False)
 
 
-def pndm_schedule(config: SchedulerConfig, steps: int) -> Schedule:
-    """PNDMScheduler(skip_prk_steps=True).set_timesteps: the second timestep is evaluated twice."""
-    return _ddpm_family(config, steps, "PNDMScheduler", repeat_second=True)
+def pndm_schedule(config: SchedulerConfig, steps: int, begin: int = 0) -> Schedule:
+    """PNDMScheduler(skip_prk_steps=True).set_timesteps: the second timestep is evaluated twice.
+
+    begin: the first evaluation kept (img2img). PNDM's special second step goes by its step counter, not by
+    timestep, so a truncated schedule re-applies it to whatever timestep comes second, as diffusers does.
+    """
+    return _ddpm_family(config, steps, "PNDMScheduler", repeat_second=True, begin=begin)
 
 
-def _ddpm_family(config: SchedulerConfig, steps: int, scheduler: str, *, repeat_second: bool) -> Schedule:
+def _ddpm_family(
+    config: SchedulerConfig, steps: int, scheduler: str, *, repeat_second: bool, begin: int = 0
+) -> Schedule:
     """Shared DDIM/PNDM schedule."""
     if steps > config.num_train_timesteps:
         raise ValueError(f"steps must be <= num_train_timesteps={config.num_train_timesteps}, got {steps}")
@@ -86,13 +98,14 @@ def _ddpm_family(config: SchedulerConfig, steps: int, scheduler: str, *, repeat_
 
     grid = spaced_timesteps(config.spacing(scheduler), config, steps, linspace="round").astype(np.int64)
     ts = list(grid)
+    if repeat_second and steps > 1:
+        ts.insert(1, grid[1])  # PNDMScheduler.set_timesteps repeats the second timestep
+    ts = ts[begin:]
     prev = [t - ratio for t in ts]
     start = list(ts)
-    if repeat_second and steps > 1:
+    if repeat_second and len(ts) > 1:
         # PNDM step_plms, counter == 1: re-step the first sample from t1 + ratio to t1 with the averaged eps.
-        ts.insert(1, grid[1])
-        prev.insert(1, grid[1])
-        start.insert(1, grid[1] + ratio)
+        prev[1], start[1] = ts[1], ts[1] + ratio
     sigmas_to = np.array([sigma_at(t) for t in prev])
     sigmas = np.array([sigma_at(t) for t in ts] + [sigmas_to[-1]])
     sigmas_from = np.array([sigma_at(t) for t in start])
@@ -302,13 +315,28 @@ def _check(scheduler: str, config: SchedulerConfig) -> None:
         raise NotImplementedError(f"{scheduler} has no {kind} sigmas in diffusers")
 
 
-def build_schedule(scheduler: str, config: SchedulerConfig, steps: int, **overrides) -> Schedule:
-    """The schedule diffusers' `scheduler` class, made with from_config(config, **overrides), sets for `steps`."""
+def build_schedule(scheduler: str, config: SchedulerConfig, steps: int, strength: float = 1.0, **overrides) -> Schedule:
+    """The schedule diffusers' `scheduler` class, made with from_config(config, **overrides), sets for `steps`;
+    strength < 1 keeps its end, as img2img's get_timesteps does."""
     config = config.with_overrides(overrides)
     _check(scheduler, config)
     builder = BUILDERS[scheduler]
     solver_order = overrides.get("solver_order")
-    return builder(config, steps) if solver_order is None else builder(config, steps, solver_order=solver_order)
+    schedule = builder(config, steps) if solver_order is None else builder(config, steps, solver_order=solver_order)
+    begin = skipped_steps(steps, strength) * SCHEDULER_ORDER.get(scheduler, 1)
+    if begin and scheduler == "PNDMScheduler":
+        return pndm_schedule(config, steps, begin)
+    return schedule.starting_at(begin)
+
+
+def skipped_steps(steps: int, strength: float) -> int:
+    """Steps img2img leaves out at the noisy end: t_start of diffusers' StableDiffusionImg2ImgPipeline.get_timesteps."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be within (0, 1], got {strength!r}")
+    kept = min(int(steps * strength), steps)
+    if kept < 1:
+        raise ValueError(f"strength {strength:g} of {steps} steps leaves no step to run (int(steps * strength) = 0)")
+    return steps - kept
 
 
 BUILDERS = {
