@@ -47,6 +47,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--fast-decode", action="store_true", help="decode with the bundle's tiny decoder (TAESD)")
     p.add_argument("--preview-every", type=int, metavar="N", help="write OUTPUT.preview.png every N steps (TAESD "
                    "when the bundle has it, else a latent-to-RGB map at 1/8 size)")
+    p.add_argument("--no-safety-checker", dest="safety_checker", action="store_false",
+                   help="do not run the bundle's safety checker (it runs by default when the bundle has one)")
+    p.add_argument("--no-watermark", dest="watermark", action="store_false",
+                   help="do not embed the SD scripts' invisible watermark (on by default, images >= 256x256)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_img2img_options(p)
     p.set_defaults(run=_generate)
@@ -159,7 +163,8 @@ def _generate(args) -> int:
             steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler, schedule=args.schedule,
             seed=args.seed, seed_mode=args.seed_mode,
             batch_size=args.batch_size, eta=args.eta, guidance_rescale=args.guidance_rescale, kind=args.kind,
-            fast_decode=args.fast_decode, init_image=init_image, strength=args.strength, mask=mask,
+            fast_decode=args.fast_decode, safety_checker=args.safety_checker, watermark=args.watermark,
+            init_image=init_image, strength=args.strength, mask=mask,
             mask_blur=args.mask_blur,
             inpaint_full_res=args.inpaint_only_masked, inpaint_full_res_padding=args.padding,
         ).resolve(pipe.manifest)
@@ -169,10 +174,10 @@ def _generate(args) -> int:
         for last in steps:
             if args.preview_every and last.index % args.preview_every == 0 and last.index < last.total:
                 pipe.preview(last)[0].save(args.output.with_suffix(".preview.png"))
-        images = pipe.finish(req, pipe.decode(last.vp_latents(), fast=req.fast_decode))
-        for i, (image, path) in enumerate(zip(images, paths)):
-            save_png(image, path, pipe.parameters(req, req.seed + i))
-            print(f"{path} (seed {req.seed + i})")
+        for out, path in zip(pipe.finish(req, pipe.decode(last.vp_latents(), fast=req.fast_decode)), paths):
+            save_png(out.image, path, out.parameters)
+            flagged = ": flagged by the safety checker, blacked out" if out.nsfw else ""
+            print(f"{path} (seed {out.seed}){flagged}")
     return 0
 
 

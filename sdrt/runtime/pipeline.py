@@ -1,6 +1,7 @@
 """Text-to-image on a bundle: prompt -> embeddings -> denoising loop (a generator of steps) -> decoded images."""
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,9 +26,11 @@ from sdrt.runtime.preview import linear_preview, tiny_decoder_preview
 from sdrt.runtime.prompts import prompt_embeddings
 from sdrt.runtime.request import GenerationRequest, scheduler_settings
 from sdrt.runtime.cfg_rescale import rescale_noise_cfg
+from sdrt.runtime.safety import SafetyChecker, blacken
 from sdrt.runtime.samplers import make_schedule, sample, sampler_label, schedule_label
 from sdrt.runtime.schedules import Schedule
 from sdrt.runtime.tokenizer import ClipTokenizer
+from sdrt.runtime.watermark import fits_watermark, embed_watermark, watermark_payload
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +60,13 @@ class Step:
 
 @dataclass(frozen=True)
 class GeneratedImage:
-    """One output image with its seed and A1111-style parameters text."""
+    """One output image with its seed, A1111-style parameters text and what post-processing did to it."""
 
     image: Image.Image
     seed: int
     parameters: str
+    nsfw: bool = False  # flagged by the bundle's safety checker: `image` is black
+    watermark: str | None = None  # the invisible watermark's payload, when one was embedded
 
 
 def _unet_feeds(x_in: np.ndarray, t: float, context: np.ndarray) -> dict[str, np.ndarray]:
@@ -241,20 +246,39 @@ class Pipeline:
         last = None
         for last in self.denoise(req):
             pass
-        images = self.finish(req, self.decode(last.vp_latents(), fast=req.fast_decode))
-        return [GeneratedImage(img, req.seed + i, self.parameters(req, req.seed + i)) for i, img in enumerate(images)]
+        return self.finish(req, self.decode(last.vp_latents(), fast=req.fast_decode))
 
-    def finish(self, req: GenerationRequest, images: list[Image.Image]) -> list[Image.Image]:
-        """Decoded images -> output images: inpainting pastes them into the init image where A1111 would (a mask
-        blur, or "only masked"); otherwise they are returned as decoded."""
-        if req.init_image is None:
-            return images
-        area = self.area(req)
-        return [area.paste(img) for img in images]
+    def finish(self, req: GenerationRequest, images: list[Image.Image]) -> list[GeneratedImage]:
+        """Decoded images -> outputs: pasted into the init image where A1111 would (a mask blur, "only masked"),
+        checked by the bundle's safety checker (flagged images blacked out, as diffusers does), then watermarked
+        as the SD reference scripts do (after the check, every image)."""
+        if req.init_image is not None:
+            area = self.area(req)
+            images = [area.paste(img) for img in images]
+        checked = self._safety_checker is not None and req.safety_checker
+        flags = self._safety_checker.check(images) if checked else [False] * len(images)
+        images = blacken(images, flags)
+        payload = watermark_payload(self.manifest) if req.watermark else None
+        marked = [payload is not None and fits_watermark(img.size) for img in images]
+        images = [embed_watermark(img, payload) if mark else img for img, mark in zip(images, marked)]
+        return [
+            GeneratedImage(img, req.seed + i, self.parameters(req, req.seed + i, flag if checked else None, mark),
+                           nsfw=flag, watermark=payload.decode() if mark else None)
+            for i, (img, flag, mark) in enumerate(zip(images, flags, marked))
+        ]
 
-    def parameters(self, req: GenerationRequest, seed: int) -> str:
-        """A1111 infotext for one image of a resolved request."""
+    @functools.cached_property
+    def _safety_checker(self) -> SafetyChecker | None:
+        component = self.manifest.components.get("safety_checker")
+        return None if component is None else SafetyChecker.from_pipeline_session(self.session(component.name),
+                                                                                  component)
+
+    def parameters(
+        self, req: GenerationRequest, seed: int, nsfw: bool | None = None, watermarked: bool = False
+    ) -> str:
+        """A1111 infotext for one image of a resolved request; `nsfw` None: the safety checker did not run."""
         source = self.manifest.source
+        has_checker = "safety_checker" in self.manifest.components
         fields = {
             "Steps": req.steps,
             "Sampler": sampler_label(req.sampler),
@@ -274,6 +298,10 @@ class Pipeline:
             "CFG Rescale phi": f"{req.guidance_rescale:g}" if req.guidance_rescale else None,
             "Model kind": None if req.kind == "standard" else req.kind,
             "VAE Decoder": "TAESD" if req.fast_decode else None,  # A1111's name for the TAESD choice
+            "Safety checker": None if not has_checker else "off" if nsfw is None else "flagged" if nsfw
+            else "passed",
+            "Watermark": watermark_payload(self.manifest).decode() if watermarked else
+            "off" if not req.watermark else "none (image under 256x256)",
             "Backend": self.backend.label,
             "Version": f"sdrt {__version__}",
         }

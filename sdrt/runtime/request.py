@@ -39,6 +39,8 @@ class GenerationRequest:
     guidance_rescale: float = 0.0  # Lin et al. 2023 sec. 3.4 (0.7 there), for zero-terminal-SNR models
     kind: str | None = None  # model kind whose preset fills unset fields; None: the bundle's (presets.detect_kind)
     fast_decode: bool = False  # decode with the bundle's tiny decoder (TAESD) instead of the VAE
+    safety_checker: bool = True  # run the bundle's safety checker when it has one (flagged images: black)
+    watermark: bool = True  # embed the SD scripts' invisible watermark (images of 256x256 pixels or more)
     # img2img and inpainting (A1111's names). Images are PIL images; `resolve` converts them to RGB and L.
     init_image: Image.Image | None = None  # transparency is flattened onto white, as A1111 does
     strength: float | None = None  # A1111's "Denoising strength", (0, 1]; None: 0.75 with an init image

@@ -44,6 +44,11 @@ HALF = 128
 HAAR = 0.7071067811865476  # pywt.Wavelet('haar').dec_lo[0]
 
 
+def watermark_payload(manifest) -> bytes:
+    """The payload the model family's reference scripts embed: "SDV2" for SD 2.x, "StableDiffusionV1" otherwise."""
+    return SD2_PAYLOAD if manifest.model.family == "sd2" else DEFAULT_PAYLOAD
+
+
 def fits_watermark(size: tuple[int, int]) -> bool:
     """Whether an image of (width, height) is large enough for the package's encoder."""
     return size[0] * size[1] >= MIN_PIXELS
