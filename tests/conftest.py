@@ -90,3 +90,12 @@ def tiny_sd1_inpaint_dir(tmp_path_factory):
 def tiny_sd1_inpaint_bundle(tiny_sd1_inpaint_dir, tmp_path_factory):
     """The bundle exported from `tiny_sd1_inpaint_dir` (exported once; tests must not modify it)."""
     return _export(tiny_sd1_inpaint_dir, tmp_path_factory, "tiny-sd1-inpaint")
+
+
+@pytest.fixture(scope="module")
+def sdrt_pipe(tiny_sd1_bundle):
+    """The tiny SD1 bundle loaded on ONNX Runtime, shared by a test module's parity tests."""
+    from sdrt.runtime.pipeline import Pipeline
+
+    with Pipeline.load(tiny_sd1_bundle, backend="onnxruntime") as pipe:
+        yield pipe

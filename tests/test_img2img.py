@@ -8,6 +8,8 @@ from PIL import Image, ImageDraw
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from tiny_models import diffusers_reference  # noqa: E402
+
 from sdrt.errors import RequestError  # noqa: E402
 from sdrt.runtime.noise_levels import Schedule  # noqa: E402
 from sdrt.runtime.pipeline import Pipeline  # noqa: E402
@@ -48,16 +50,7 @@ def init_image(width: int = WIDTH, height: int = HEIGHT) -> Image.Image:
 
 @pytest.fixture(scope="module")
 def reference_pipe(tiny_sd1_dir):
-    pipe = diffusers.StableDiffusionImg2ImgPipeline.from_pretrained(tiny_sd1_dir, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.base_scheduler_config = pipe.scheduler.config
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def sdrt_pipe(tiny_sd1_bundle):
-    with Pipeline.load(tiny_sd1_bundle, backend="onnxruntime") as pipe:
-        yield pipe
+    return diffusers_reference(diffusers.StableDiffusionImg2ImgPipeline, tiny_sd1_dir)
 
 
 def diffusers_images(pipe, sampler: str, strength: float, batch: int) -> np.ndarray:

@@ -9,6 +9,8 @@ from PIL import Image, ImageDraw, ImageFilter
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from tiny_models import diffusers_reference  # noqa: E402
+
 from sdrt.errors import RequestError  # noqa: E402
 from sdrt.runtime.masks import (  # noqa: E402
     crop_region, downsample_nearest, expand_crop_region, inpaint_area, mask_array,
@@ -36,10 +38,7 @@ def mask_image(width: int = WIDTH, height: int = HEIGHT, box=(20, 13, 51, 45)) -
 
 
 def reference(folder):
-    pipe = diffusers.StableDiffusionInpaintPipeline.from_pretrained(folder, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    pipe.base_scheduler_config = pipe.scheduler.config
-    return pipe
+    return diffusers_reference(diffusers.StableDiffusionInpaintPipeline, folder)
 
 
 @pytest.fixture(scope="module")

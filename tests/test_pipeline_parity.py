@@ -7,6 +7,8 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from tiny_models import diffusers_reference  # noqa: E402
+
 from sdrt.runtime.pipeline import Pipeline  # noqa: E402
 from sdrt.runtime.request import GenerationRequest  # noqa: E402
 from sdrt.runtime.samplers import scheduler_for  # noqa: E402
@@ -29,18 +31,7 @@ SAMPLERS = ["PNDM", "DDIM", "Euler", "Euler a", "LMS", "DPM++ 2M", "DPM++ 2M Kar
 
 @pytest.fixture(scope="module")
 def reference_pipe(tiny_sd1_dir):
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(tiny_sd1_dir, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    # Schedulers are swapped per test; each starts from the folder's own config (from_config would
-    # otherwise carry overrides such as use_karras_sigmas into the next scheduler).
-    pipe.base_scheduler_config = pipe.scheduler.config
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def sdrt_pipe(tiny_sd1_bundle):
-    with Pipeline.load(tiny_sd1_bundle, backend="onnxruntime") as pipe:
-        yield pipe
+    return diffusers_reference(diffusers.StableDiffusionPipeline, tiny_sd1_dir)
 
 
 def diffusers_images(pipe, sampler: str, guidance: float) -> np.ndarray:

@@ -451,3 +451,13 @@ def save_tiny_sd1_inpaint(out: Path, seed: int = 0) -> Path:
     index["_class_name"] = "StableDiffusionInpaintPipeline"
     (out / "model_index.json").write_text(json.dumps(index, indent=2))
     return out
+
+
+def diffusers_reference(pipeline_class, folder: Path):
+    """A diffusers pipeline on a tiny folder for parity tests: no safety checker, no progress bar, and its
+    scheduler config kept as `base_scheduler_config` (tests swap schedulers from it; from_config would otherwise
+    carry overrides such as use_karras_sigmas into the next one)."""
+    pipe = pipeline_class.from_pretrained(folder, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.base_scheduler_config = pipe.scheduler.config
+    return pipe
