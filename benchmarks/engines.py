@@ -46,6 +46,9 @@ EXPORTS = {
                needs=("sdrt-onnx",)),
         Export("sdrt-openvino-int8", "sdrt-openvino",
                ("sdrt", "convert", "{sdrt-onnx}", "-o", "{out}", "--weights", "int8"), needs=("sdrt-onnx",)),
+        Export("sdrt-openvino-int8q", "sdrt-openvino",
+               ("sdrt", "convert", "{sdrt-onnx}", "-o", "{out}", "--weights", "int8", "--quantize-unet"),
+               needs=("sdrt-onnx",)),
     )
 }
 
@@ -63,6 +66,9 @@ ENGINES = {
         Engine("sdrt-openvino-f32", "sdrt-openvino", "sdrt_engine.py", "sdrt-openvino-fp32",
                {"backend": "openvino", "precision": "f32"}),
         Engine("sdrt-openvino-int8", "sdrt-openvino", "sdrt_engine.py", "sdrt-openvino-int8",
+               {"backend": "openvino", "precision": "auto"}),
+        # int8 activations too, on the UNet's SiLU -> convolution layers (`sdrt convert --quantize-unet`).
+        Engine("sdrt-openvino-int8q", "sdrt-openvino", "sdrt_engine.py", "sdrt-openvino-int8q",
                {"backend": "openvino", "precision": "auto"}),
     )
 }

@@ -114,8 +114,8 @@ def _add_convert(sub) -> None:
 def _add_conversion_options(p) -> None:
     p.add_argument("--weights", choices=["fp32", "int8"], default="fp32", help="openvino: int8 compresses the "
                    "UNet and text encoder weights (NNCF), gated by image PSNR against fp32")
-    p.add_argument("--quantize-unet", action="store_true", help="openvino, with --weights int8: quantize the UNet's "
-                   "activations too, calibrated on the model's own denoising")
+    p.add_argument("--quantize-unet", action="store_true", help="openvino, with --weights int8: int8 activations "
+                   "too in the UNet's SiLU->conv layers (int8 kernels), calibrated on the model's own denoising")
     p.add_argument("--psnr-gate", type=float, help="openvino: minimum image PSNR in dB (default 35 fp32, 30 int8)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle at --output")
 

@@ -48,12 +48,13 @@ class OpenVinoSession:
     each run on its own infer request in parallel; the model is compiled for the part's batch.
     """
 
-    def __init__(self, core: ov.Core, model: ov.Model, contract: Contract, device: str, config: dict, streams: int):
+    def __init__(self, core: ov.Core, path: Path, contract: Contract, device: str, config: dict, streams: int):
         self.contract = contract
-        self._core, self._model, self._device, self._config, self._streams = core, model, device, config, streams
-        self._inputs = {_port_name(p, contract.input_names): p for p in model.inputs}
-        outputs = [name for p in model.outputs for name in p.get_names()]
-        check_names(contract, list(self._inputs), outputs, "openvino")
+        self._core, self._path, self._device, self._config, self._streams = core, path, device, config, streams
+        self._model: ov.Model | None = read_model(core, path)  # dropped once compiled: see _compile
+        inputs = [_port_name(p, contract.input_names) for p in self._model.inputs]
+        outputs = [name for p in self._model.outputs for name in p.get_names()]
+        check_names(contract, inputs, outputs, "openvino")
         self._batched = [spec.name for spec in contract.inputs if spec.shape[:1] == (BATCH,)]
         self._compiled: OrderedDict[tuple, list[ov.InferRequest]] = OrderedDict()
         self._requests: list[ov.InferRequest] = []
@@ -77,9 +78,13 @@ class OpenVinoSession:
         dims = {**dims, BATCH: dims[BATCH] // parts} if parts > 1 else dims
         shapes = {spec.name: list(spec.concrete_shape(dims)) for spec in self.contract.inputs}
         start = time.perf_counter()
-        self._model.reshape({self._inputs[name]: shape for name, shape in shapes.items()})
+        # The compiled model keeps its own copy of the weights; the ov.Model beside it would keep the IR's (memory-
+        # mapped) weights resident for nothing, so it is read again only when a new shape needs compiling.
+        model, self._model = self._model or read_model(self._core, self._path), None
+        ports = {_port_name(p, self.contract.input_names): p for p in model.inputs}
+        model.reshape({ports[name]: shape for name, shape in shapes.items()})
         try:
-            compiled = self._core.compile_model(self._model, self._device, self._config)
+            compiled = self._core.compile_model(model, self._device, self._config)
         except RuntimeError as e:
             raise BackendError(f"openvino cannot compile {self.contract.component} for {shapes}: {e}") from None
         log.debug(
@@ -93,7 +98,9 @@ class OpenVinoSession:
         if not self._requests:
             raise BackendError(f"{self.contract.component}: prepare(dims) must be called before run")
         if len(self._requests) == 1:
-            result = self._requests[0].infer(dict(feeds))  # copies outputs out of the request's tensors
+            # Inputs are wrapped, not copied (the call is synchronous); outputs are copied out of the request's
+            # tensors because callers keep them past the next run (the text encoder's, for all steps).
+            result = self._requests[0].infer(dict(feeds), share_inputs=True)
             return {name: result[name] for name in self.contract.output_names}
         return self._run_split(feeds)
 
@@ -110,9 +117,22 @@ class OpenVinoSession:
             for name in self.contract.output_names
         }
 
+    def profiling_info(self) -> list:
+        """OpenVINO's per-node counters of the last run (empty unless compiled with PERF_COUNT in the config)."""
+        return [info for request in self._requests for info in request.get_profiling_info()]
+
     def close(self) -> None:
         self._compiled.clear()
-        self._requests, self._model = [], None
+        self._requests, self._model = [], None  # a later prepare() reads the model again
+
+
+def read_model(core: ov.Core, path: Path) -> ov.Model:
+    """Read IR or ONNX; IR weights are memory-mapped (the Core's ENABLE_MMAP default), not copied."""
+    log.debug("openvino: reading %s", path)
+    try:
+        return core.read_model(str(path))
+    except RuntimeError as e:
+        raise BackendError(f"openvino cannot read {path}: {e}") from None
 
 
 def _parts(batch: int, streams: int) -> int:
@@ -183,9 +203,4 @@ class OpenVinoBackend:
         if component.format not in self.formats:
             raise BackendError(f"openvino cannot run {component.name} stored as {component.format!r}")
         path = Path(bundle) / component.file
-        log.debug("openvino: reading %s", path)
-        try:
-            model = self.core.read_model(str(path))
-        except RuntimeError as e:
-            raise BackendError(f"openvino cannot read {path}: {e}") from None
-        return OpenVinoSession(self.core, model, component.contract, self.device, self.config, self.streams)
+        return OpenVinoSession(self.core, path, component.contract, self.device, self.config, self.streams)
