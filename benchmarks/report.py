@@ -59,7 +59,8 @@ def achieved(entry: dict, flops: dict) -> tuple[float, float]:
     return gflops, 100 * gflops * 1e9 / peak
 
 
-COLUMNS = ("engine", "precision", "export s", "import s", "cold start s", "s/step", "VAE decode s", "s/image",
+COLUMNS = ("engine", "precision", "export s", "import s", "cold start s", "warm start s", "s/step", "VAE decode s",
+           "s/image",
            "peak RSS GiB", "install MB", "GFLOP/s", "% of peak", "PSNR dB")
 
 
@@ -78,6 +79,7 @@ def row(entry: dict, flops: dict, venvs: dict) -> list[str]:
         "-" if export is None else f"{export:.0f}" + (" (cached)" if _cached(entry) else ""),
         f"{r['import_s']:.1f}",
         f"{r['cold_start_s']:.1f}",
+        "-" if r.get("warm_start_s") is None else f"{r['warm_start_s']:.1f}",
         f"{r['step_s']:.3f}",
         f"{r['vae_decode_s']:.2f}",
         f"{r['image_s']:.1f}",

@@ -7,7 +7,9 @@ from sdrt import GenerationRequest, Pipeline
 
 
 def load(job: common.Job):
-    options = {"cache": False} if job.options["backend"] == "openvino" else {}  # a cold start compiles
+    options = {}
+    if job.options["backend"] == "openvino":  # cold start compiles, unless the harness measures a warm cache
+        options = {"cache_dir": job.options["cache_dir"]} if "cache_dir" in job.options else {"cache": False}
     if "precision" in job.options:
         options["precision"] = job.options["precision"]
     return Pipeline.load(job.model, backend=job.options["backend"], **options)
