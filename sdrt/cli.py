@@ -227,7 +227,8 @@ def _convert_bundle(src: Path, args):
             psnr_gate=args.psnr_gate,
         )
     except ImportError as e:  # openvino, and nncf for int8, are imported on use
-        raise SdrtError(f"conversion to openvino needs {e.name}: pip install 'sdrt[openvino]'") from None
+        extra = "openvino-int8" if e.name == "nncf" else "openvino"
+        raise SdrtError(f"conversion to openvino needs {e.name}: pip install 'sdrt[{extra}]'") from None
 
 
 def _print_bundle(output: Path, manifest) -> None:
