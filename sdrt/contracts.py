@@ -58,6 +58,9 @@ class Contract:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     notes: str = field(default="", compare=False)
+    # Outputs compared against thresholds (the safety checker's): engines must compute in fp32, because bf16 moves
+    # scores by ~1e-2 and can flip a decision diffusers would make.
+    full_precision: bool = False
 
     @property
     def input_names(self) -> list[str]:
@@ -88,11 +91,12 @@ class Contract:
         return dims
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
             "notes": self.notes,
         }
+        return {**d, "full_precision": True} if self.full_precision else d
 
     @classmethod
     def from_dict(cls, component: str, d: Mapping) -> Contract:
@@ -101,6 +105,7 @@ class Contract:
             tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
             tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
             d.get("notes", ""),
+            d.get("full_precision", False),
         )
 
 
@@ -179,4 +184,5 @@ def safety_checker_contract(
         "scores are cosine similarity minus the concept's threshold (concept scores plus 0.01 when a special-care "
         "concept scored); a concept counts when its score rounded to 3 decimals is positive, as diffusers' forward. "
         "has_nsfw_concept is bool: a decision, not a number to threshold again (diffusers' forward_onnx is bool too)",
+        full_precision=True,
     )

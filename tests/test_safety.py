@@ -175,6 +175,21 @@ def test_openvino_runs_the_bool_output(images, tuned, options):
     assert np.abs(got["concept_scores"] - concept).max() <= SCORE_TOL
 
 
+def test_openvino_keeps_the_checker_in_f32_whatever_the_backend_precision(images, tuned, tiny_sd1_safety_bundle):
+    # A bf16 checker moves scores by ~1e-2 (measured), enough to flip decisions near a threshold.
+    ov_backend = pytest.importorskip("sdrt.backends.openvino")
+    root, component, checker, clip_input = tuned
+    assert read_manifest(tiny_sd1_safety_bundle).components["safety_checker"].contract.full_precision
+    assert not read_manifest(tiny_sd1_safety_bundle).components["unet"].contract.full_precision
+    session = ov_backend.OpenVinoBackend(precision="bf16", cache=False).load(root, component)
+    got = SafetyChecker.from_pipeline_session(session, component).scores(images)
+    compiled = session._requests[0].get_compiled_model()
+    assert ov_backend._type_name(compiled.get_property("INFERENCE_PRECISION_HINT")) == "f32"
+    assert got["has_nsfw_concept"].tolist() == FLAGGED
+    concept, _ = _expected_scores(checker, clip_input, SPECIAL_CARE)
+    assert np.abs(got["concept_scores"] - concept).max() <= SCORE_TOL
+
+
 def test_bundle_checks_images_through_the_pipeline(tiny_sd1_safety_bundle, tiny_sd1_safety_dir, images):
     manifest = read_manifest(tiny_sd1_safety_bundle)
     verify_files(tiny_sd1_safety_bundle, manifest)

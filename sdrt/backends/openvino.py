@@ -203,4 +203,5 @@ class OpenVinoBackend:
         if component.format not in self.formats:
             raise BackendError(f"openvino cannot run {component.name} stored as {component.format!r}")
         path = Path(bundle) / component.file
-        return OpenVinoSession(self.core, path, component.contract, self.device, self.config, self.streams)
+        config = {**self.config, "INFERENCE_PRECISION_HINT": "f32"} if component.contract.full_precision else self.config
+        return OpenVinoSession(self.core, path, component.contract, self.device, config, self.streams)
