@@ -81,6 +81,12 @@ def run_process(cmd: list[str], venv: str, log: Path, timeout: float) -> Process
     return Process(proc.returncode, time.perf_counter() - start, usage.ru_maxrss * 1024, log)
 
 
+def worker_result(p: Process) -> dict | None:
+    """The JSON a worker printed after RESULT_PREFIX; None when it failed or printed none."""
+    lines = [ln for ln in p.log.read_text(errors="replace").splitlines() if ln.startswith(RESULT_PREFIX)]
+    return None if p.returncode or not lines else json.loads(lines[-1][len(RESULT_PREFIX):])
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="sdrt vs diffusers / optimum on SD 1.5 (random weights)")
     parser.add_argument("--size", type=int, choices=[256, 512], help="image size (default 512; --quick 256)")
@@ -206,11 +212,10 @@ class Bench:
         p = run_process(["python", str(WORKERS / engine.worker), json.dumps(job)], engine.venv,
                         self.logs / f"engine-{engine.name}.log", self.args.timeout)
         entry["process"] = {"seconds": p.seconds, "peak_rss_bytes": p.peak_rss_bytes, "returncode": p.returncode}
-        lines = [ln for ln in p.log.read_text(errors="replace").splitlines() if ln.startswith(RESULT_PREFIX)]
-        if p.returncode or not lines:
+        result = worker_result(p)
+        if result is None:
             log(f"engine {engine.name}: FAILED (exit {p.returncode}, log {p.log})")
             return {**entry, "error": f"exit {p.returncode}: {p.tail()}".strip()}
-        result = json.loads(lines[-1][len(RESULT_PREFIX):])
         log(f"engine {engine.name}: {result['step_s']:.3f} s/step, {result['image_s']:.1f} s/image")
         if engine.options.get("backend") == "openvino":
             result["warm_start_s"] = self.warm_start(engine, job)
@@ -226,11 +231,10 @@ class Bench:
         for attempt in ("fill", "warm"):
             p = run_process(["python", str(WORKERS / engine.worker), json.dumps(job)], engine.venv,
                             self.logs / f"engine-{engine.name}-cache-{attempt}.log", self.args.timeout)
-            lines = [ln for ln in p.log.read_text(errors="replace").splitlines() if ln.startswith(RESULT_PREFIX)]
-            if p.returncode or not lines:
+            result = worker_result(p)
+            if result is None:
                 log(f"engine {engine.name}: warm-cache start FAILED (log {p.log})")
                 return None
-        result = json.loads(lines[-1][len(RESULT_PREFIX):])
         log(f"engine {engine.name}: {result['import_s'] + result['cold_start_s']:.1f} s to the first step, warm cache")
         return result["import_s"] + result["cold_start_s"]
 

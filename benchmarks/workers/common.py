@@ -62,6 +62,22 @@ class Clock:
 Generate = Callable[[object, Clock], object]
 
 
+def diffusers_call(pipe, job: Job, clock: Clock):
+    """One image from a diffusers-style pipeline (diffusers, optimum): the job's request, a seeded CPU generator
+    as diffusers uses, and the clock ticked after every step. torch is imported here: those venvs all have it."""
+    import torch
+
+    def on_step(pipe, i, t, kwargs):
+        clock.step()
+        return kwargs
+
+    return pipe(
+        job.prompt, negative_prompt=job.negative_prompt, height=job.size, width=job.size,
+        num_inference_steps=job.steps, guidance_scale=job.guidance_scale,
+        generator=torch.Generator("cpu").manual_seed(job.seed), callback_on_step_end=on_step,
+    ).images[0]
+
+
 def measure(load: Callable[[], object], generate: Generate, describe: Callable[[object], dict], job: Job) -> dict:
     """Load, generate twice (cold, then warm), save the warm image; the timings and what the engine reports."""
     imported = time.perf_counter()

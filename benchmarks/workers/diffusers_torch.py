@@ -13,16 +13,8 @@ def load(job: common.Job):
 
 
 def generate(pipe, job: common.Job, clock: common.Clock):
-    def on_step(pipe, i, t, kwargs):
-        clock.step()
-        return kwargs
-
     with torch.inference_mode():
-        return pipe(
-            job.prompt, negative_prompt=job.negative_prompt, height=job.size, width=job.size,
-            num_inference_steps=job.steps, guidance_scale=job.guidance_scale,
-            generator=torch.Generator("cpu").manual_seed(job.seed), callback_on_step_end=on_step,
-        ).images[0]
+        return common.diffusers_call(pipe, job, clock)
 
 
 def describe(pipe, job: common.Job) -> dict:

@@ -3,24 +3,11 @@ from __future__ import annotations
 
 import common  # first: starts the clock before torch is imported
 import onnxruntime
-import torch
 from optimum.onnxruntime import ORTStableDiffusionPipeline
 
 
 def load(job: common.Job):
     return ORTStableDiffusionPipeline.from_pretrained(job.model, provider="CPUExecutionProvider")
-
-
-def generate(pipe, job: common.Job, clock: common.Clock):
-    def on_step(pipe, i, t, kwargs):
-        clock.step()
-        return kwargs
-
-    return pipe(
-        job.prompt, negative_prompt=job.negative_prompt, height=job.size, width=job.size,
-        num_inference_steps=job.steps, guidance_scale=job.guidance_scale,
-        generator=torch.Generator("cpu").manual_seed(job.seed), callback_on_step_end=on_step,
-    ).images[0]
 
 
 def describe(pipe, job: common.Job) -> dict:
@@ -29,4 +16,4 @@ def describe(pipe, job: common.Job) -> dict:
 
 
 if __name__ == "__main__":
-    common.main(load, generate, describe)
+    common.main(load, common.diffusers_call, describe)

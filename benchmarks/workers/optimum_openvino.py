@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import common  # first: starts the clock before torch is imported
 import openvino
-import torch
 from optimum.intel import OVStableDiffusionPipeline
 
 
@@ -18,18 +17,6 @@ def load(job: common.Job):
     pipe.reshape(batch_size=1, height=job.size, width=job.size, num_images_per_prompt=1)
     pipe.compile()
     return pipe
-
-
-def generate(pipe, job: common.Job, clock: common.Clock):
-    def on_step(pipe, i, t, kwargs):
-        clock.step()
-        return kwargs
-
-    return pipe(
-        job.prompt, negative_prompt=job.negative_prompt, height=job.size, width=job.size,
-        num_inference_steps=job.steps, guidance_scale=job.guidance_scale,
-        generator=torch.Generator("cpu").manual_seed(job.seed), callback_on_step_end=on_step,
-    ).images[0]
 
 
 def describe(pipe, job: common.Job) -> dict:
@@ -44,4 +31,4 @@ def describe(pipe, job: common.Job) -> dict:
 
 
 if __name__ == "__main__":
-    common.main(load, generate, describe)
+    common.main(load, common.diffusers_call, describe)
