@@ -173,18 +173,30 @@ def read_manifest(bundle: Path | str) -> Manifest:
     return Manifest.from_dict(data)
 
 
-def verify_files(bundle: Path | str, manifest: Manifest) -> None:
-    """Check that every listed file exists with its recorded sha256, and that no listed component is unlisted."""
+def verify_files(bundle: Path | str, manifest: Manifest, *, remembered: bool = True) -> None:
+    """Check that every listed file exists with its recorded sha256, and that no listed component is unlisted.
+
+    With `remembered`, files already hashed and unchanged since (sdrt.cache.VerifiedFiles) are not read again.
+    """
+    from sdrt.cache import VerifiedFiles
+
     root = Path(bundle)
     for comp in manifest.components.values():
         if comp.file not in manifest.files:
             raise BundleError(f"component {comp.name}'s file {comp.file} has no checksum in the manifest")
+    verified = VerifiedFiles() if remembered else None
     for rel, digest in manifest.files.items():
         path = root / rel
         if not path.is_file():
             raise BundleError(f"bundle {root} is missing {rel}")
+        if verified and verified.known(path, digest):
+            continue
         if sha256_file(path) != digest:
             raise BundleError(f"checksum mismatch for {rel} in {root}: the file was modified or corrupted")
+        if verified:
+            verified.record(path, digest)
+    if verified:
+        verified.save()
 
 
 class BundleWriter:
