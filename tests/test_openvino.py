@@ -2,6 +2,8 @@
 images against ONNX Runtime on the same seed."""
 from __future__ import annotations
 
+import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -19,7 +21,7 @@ from sdrt.bundle import MANIFEST, read_manifest, sha256_file, verify_files  # no
 from sdrt.cli import main  # noqa: E402
 from sdrt.errors import BackendError, BundleError, ExportError  # noqa: E402
 from sdrt.export.openvino import (  # noqa: E402
-    INT8_COMPONENTS, INT8_MIN_PSNR_DB, compress_int8, convert_bundle, silu_convolutions,
+    INT8_COMPONENTS, INT8_MIN_PSNR_DB, QUANTIZATION_SCHEMES, compress_int8, convert_bundle, silu_convolutions,
 )
 from sdrt.runtime.image import psnr  # noqa: E402
 from sdrt.runtime.pipeline import Pipeline, default_bundle  # noqa: E402
@@ -29,6 +31,26 @@ BF16_MIN_PSNR_DB = 20.0  # loose floor: bf16 keeps 8 mantissa bits; the measured
 UNET_SPLIT_TOLERANCE = 1e-5  # one f32 UNet call, whole batch vs split across two streams
 INT8_UNET_TOLERANCE = 0.05  # max abs error of one int8-weight UNet call against fp32 (outputs are O(1) noise)
 PROMPT, SEED, STEPS = "a red circle above a blue square", 7, 10
+
+
+def unet_feeds(batch: int, h: int = 8, w: int = 8, seq: int = 77, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs of one tiny-UNet call (its cross-attention width is 32)."""
+    rng = np.random.default_rng(seed)
+    return {
+        "sample": rng.standard_normal((batch, 4, h, w), dtype=np.float32),
+        "timestep": np.full(batch, 500.0, np.float32),
+        "encoder_hidden_states": rng.standard_normal((batch, seq, 32), dtype=np.float32),
+    }
+
+
+def run_unet(bundle, feeds, **options) -> np.ndarray:
+    """One UNet call of `bundle` on a fresh OpenVINO backend made with `options`."""
+    comp = read_manifest(bundle).components["unet"]
+    session = OpenVinoBackend(**options).load(bundle, comp)
+    session.prepare(comp.contract.check_inputs(feeds))
+    output = session.run(feeds)["model_output"]
+    session.close()
+    return output
 
 
 @pytest.fixture(autouse=True)
@@ -120,11 +142,19 @@ def test_quantized_unet_passes_its_gate(tiny_sd1_bundle, tmp_path):
     assert [manifest.components[n].precision for n in ("unet", "text_encoder", "vae_decoder")] == \
         ["int8", "int8-weights", "fp32"]
     model = ov.Core().read_model(str(tmp_path / "q" / "unet" / "openvino_model.xml"))
-    # Activations are quantized on the SiLU -> convolution inputs only (see quantize_int8), one per such convolution.
-    quantized = [op.input_value(0).get_node() for op in model.get_ops() if op.get_type_name() == "FakeQuantize"
-                 and op.input_value(0).get_node().get_type_name() != "Constant"]
-    assert quantized and {node.get_type_name() for node in quantized} == {"Swish"}
-    assert len(quantized) == len(silu_convolutions(ov.convert_model(str(tiny_sd1_bundle / "unet" / "model.onnx"))))
+    # Activations are quantized where the scheme that passed says (see quantize_int8): one FakeQuantize per SiLU ->
+    # convolution, plus one per feed-forward MatMul under the first scheme, and nowhere else.
+    scheme = next(s for s in QUANTIZATION_SCHEMES if s.name == check["int8_activations"])
+    fake_quantized = [op for op in model.get_ops() if op.get_type_name() == "FakeQuantize"
+                      and op.input_value(0).get_node().get_type_name() != "Constant"]
+    readers = [target.get_node() for fq in fake_quantized for target in fq.output(0).get_target_inputs()]
+    source = ov.convert_model(str(tiny_sd1_bundle / "unet" / "model.onnx"))
+    feed_forward = [op for op in source.get_ops() if op.get_type_name() == "MatMul"
+                    and scheme.matmuls and re.search(scheme.matmuls, op.get_friendly_name())]
+    assert sorted(node.get_type_name() for node in readers) == \
+        sorted(["Convolution"] * len(silu_convolutions(source)) + ["MatMul"] * len(feed_forward))
+    assert {fq.input_value(0).get_node().get_type_name() for fq in fake_quantized if any(
+        t.get_node().get_type_name() == "Convolution" for t in fq.output(0).get_target_inputs())} == {"Swish"}
 
 
 def test_int8_unet_compiles_at_the_shipped_size():
@@ -135,13 +165,8 @@ def test_int8_unet_compiles_at_the_shipped_size():
         pytest.skip("the shipped model (sdrt/models/sdrt-shapes) is not there yet")
     core, path = ov.Core(), str(default_bundle() / "unet" / "model.onnx")
     reference, compressed = core.read_model(path), compress_int8(core.read_model(path))
-    rng = np.random.default_rng(5)
-    for batch, h, w in [(2, 8, 8), (1, 8, 8), (2, 9, 8)]:
-        feeds = {
-            "sample": rng.standard_normal((batch, 4, h, w), dtype=np.float32),
-            "timestep": np.full(batch, 500.0, np.float32),
-            "encoder_hidden_states": rng.standard_normal((batch, 77, 32), dtype=np.float32),
-        }
+    for i, (batch, h, w) in enumerate([(2, 8, 8), (1, 8, 8), (2, 9, 8)]):
+        feeds = unet_feeds(batch, h, w, seed=5 + i)
         outputs = []
         for model in (reference, compressed):
             model.reshape({name: array.shape for name, array in feeds.items()})
@@ -156,6 +181,17 @@ def test_impossible_gate_refuses_and_leaves_nothing(tiny_sd1_bundle, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+
+def test_quantization_falls_back_scheme_by_scheme_then_refuses(tiny_sd1_bundle, tmp_path, caplog):
+    caplog.set_level("WARNING", logger="sdrt.export.openvino")
+    with pytest.raises(ExportError, match="below the minimum of 200 dB"):
+        convert_bundle(tiny_sd1_bundle, tmp_path / "q", weights="int8", quantize_unet=True, psnr_gate=200)
+    tries = [r.getMessage() for r in caplog.records if "fail the gate" in r.getMessage()]
+    assert len(tries) == len(QUANTIZATION_SCHEMES) - 1
+    assert all(f"on {a.name} fail the gate" in t and t.endswith(f"trying {b.name}")
+               for t, a, b in zip(tries, QUANTIZATION_SCHEMES, QUANTIZATION_SCHEMES[1:]))
+    assert list(tmp_path.iterdir()) == []
+
 # --- the backend ------------------------------------------------------------------------------------------------
 
 def test_static_shapes_compile_once_each(ov_bundle, tiny_sd1_bundle):
@@ -163,13 +199,8 @@ def test_static_shapes_compile_once_each(ov_bundle, tiny_sd1_bundle):
     comp = read_manifest(ov_bundle).components["unet"]
     session = backend.load(ov_bundle, comp)
     ort = reference.load(tiny_sd1_bundle, read_manifest(tiny_sd1_bundle).components["unet"])
-    rng = np.random.default_rng(0)
-    for batch, h, w, seq in [(2, 8, 8, 77), (1, 6, 10, 154), (2, 8, 8, 77)]:
-        feeds = {
-            "sample": rng.standard_normal((batch, 4, h, w), dtype=np.float32),
-            "timestep": np.full(batch, 500.0, np.float32),
-            "encoder_hidden_states": rng.standard_normal((batch, seq, 32), dtype=np.float32),
-        }
+    for i, (batch, h, w, seq) in enumerate([(2, 8, 8, 77), (1, 6, 10, 154), (2, 8, 8, 77)]):
+        feeds = unet_feeds(batch, h, w, seq, seed=i)
         session.prepare(comp.contract.check_inputs(feeds))
         got = session.run(feeds)["model_output"]
         assert got.shape == (batch, 4, h, w)
@@ -187,32 +218,59 @@ def test_pipeline_two_sizes_in_one_session(ov_bundle):
 
 
 def test_throughput_split_matches_one_request(ov_bundle):
-    comp = read_manifest(ov_bundle).components["unet"]
-    rng = np.random.default_rng(1)
-    feeds = {
-        "sample": rng.standard_normal((4, 4, 8, 8), dtype=np.float32),
-        "timestep": np.array([999.0, 999.0, 10.0, 10.0], np.float32),
-        "encoder_hidden_states": rng.standard_normal((4, 77, 32), dtype=np.float32),
-    }
-    outputs = []
-    for backend in (OpenVinoBackend(precision="f32"), OpenVinoBackend(precision="f32", hint="throughput", streams=2)):
-        session = backend.load(ov_bundle, comp)
-        session.prepare(comp.contract.check_inputs(feeds))
-        outputs.append(session.run(feeds)["model_output"])
-    np.testing.assert_allclose(outputs[1], outputs[0], atol=UNET_SPLIT_TOLERANCE)
+    feeds = {**unet_feeds(4, seed=1), "timestep": np.array([999.0, 999.0, 10.0, 10.0], np.float32)}
+    whole = run_unet(ov_bundle, feeds, precision="f32")
+    split = run_unet(ov_bundle, feeds, precision="f32", hint="throughput", streams=2)
+    np.testing.assert_allclose(split, whole, atol=UNET_SPLIT_TOLERANCE)
     assert [_parts(b, 2) for b in (1, 2, 3, 4)] == [1, 2, 1, 2]
 
 
-def test_compile_cache_is_filled_and_reused(ov_bundle, tmp_path):
-    times = []
+def test_compile_cache_is_filled_and_reused(ov_bundle, tmp_path, caplog):
+    caplog.set_level("DEBUG", logger="sdrt.backends.openvino")
+    times, images = [], []
     for _ in range(2):
         start = time.perf_counter()
         with Pipeline.load(ov_bundle, backend="openvino", precision="f32", cache_dir=tmp_path / "cache") as pipe:
-            pipe.generate("x", seed=1, steps=1)
+            images.append(np.asarray(pipe.generate("x", seed=1, steps=1)[0].image))
         times.append(time.perf_counter() - start)
-    blobs = list((tmp_path / "cache").glob("*.blob"))
+        if not times[1:]:
+            blobs = {b: b.stat().st_mtime_ns for b in (tmp_path / "cache").glob("*.blob")}
+            caplog.clear()
     print(f"\ncold start + 1 step: {times[0]:.2f} s compiling, {times[1]:.2f} s from the cache ({len(blobs)} blobs)")
     assert len(blobs) == 3  # text encoder, UNet, VAE decoder at one shape each
+    # The second start imported all three (memory-mapped), compiled nothing, rewrote nothing, and drew the same.
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum(m.startswith("openvino: imported") for m in messages) == 3
+    assert not any(m.startswith("openvino: compiled") for m in messages)
+    assert {b: b.stat().st_mtime_ns for b in (tmp_path / "cache").glob("*.blob")} == blobs
+    np.testing.assert_array_equal(images[1], images[0])
+
+
+def test_cache_keys_follow_precision_and_model_files(ov_bundle, tmp_path):
+    cache, feeds = tmp_path / "cache", unet_feeds(batch=2)
+
+    def blobs_after(bundle, precision):
+        run_unet(bundle, feeds, precision=precision, cache_dir=cache)
+        return len(list(cache.glob("*.blob")))
+
+    assert blobs_after(ov_bundle, "f32") == 1
+    assert blobs_after(ov_bundle, "f32") == 1
+    assert blobs_after(ov_bundle, "bf16") == 2  # another precision is another compiled model
+    copy = tmp_path / "copy"
+    shutil.copytree(ov_bundle, copy)  # the same files elsewhere (a re-export): compiled anew, not mixed up
+    assert blobs_after(copy, "f32") == 3
+
+
+def test_a_damaged_blob_is_compiled_again(ov_bundle, tmp_path, caplog):
+    cache, feeds = tmp_path / "cache", unet_feeds(batch=2)
+    first = run_unet(ov_bundle, feeds, precision="f32", cache_dir=cache)
+    (blob,) = cache.glob("*.blob")
+    size = blob.stat().st_size
+    blob.write_bytes(blob.read_bytes()[: size // 3])
+    again = run_unet(ov_bundle, feeds, precision="f32", cache_dir=cache)
+    assert "cannot be imported" in caplog.text
+    assert blob.stat().st_size == size  # compiled and written whole again
+    np.testing.assert_array_equal(again, first)
 
 
 def test_backend_options_are_checked():

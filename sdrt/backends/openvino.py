@@ -1,8 +1,11 @@
 """OpenVINO engine: reads IR (or ONNX), reshapes to static shapes per request size, compiles with a disk cache."""
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -13,6 +16,7 @@ import openvino as ov
 
 from sdrt.backends.base import check_names
 from sdrt.bundle import Component
+from sdrt.cache import cache_home
 from sdrt.contracts import BATCH, Contract
 from sdrt.errors import BackendError
 
@@ -31,9 +35,59 @@ THROUGHPUT_STREAMS = 2
 
 
 def default_cache_dir() -> Path:
-    """Where compiled blobs go: $XDG_CACHE_HOME/sdrt/openvino, else ~/.cache/sdrt/openvino."""
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "sdrt" / "openvino"
+    """Where compiled blobs go: sdrt's cache home (sdrt.cache.cache_home: ~/.cache/sdrt) / openvino."""
+    return cache_home() / "openvino"
+
+
+class BlobCache:
+    """Compiled models on disk, one blob per (model files, static shapes, device, config, OpenVINO version).
+
+    OpenVINO's own CACHE_DIR would do this, but on a hit it hashes the whole model (weights included) to find the
+    blob and reads the blob into memory. Here the key is built from the files' stat signature (the bundle's
+    checksums are verified at load), and a hit memory-maps the blob: the compiled model's weights stay in the page
+    cache, not copied into the process (1 GB less resident for an int8 SD 1.5 UNet).
+    """
+
+    def __init__(self, root: Path):
+        self.root = root
+
+    def key(self, core: ov.Core, path: Path, shapes: dict, device: str, config: dict) -> str:
+        files = [path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]
+        ident = {
+            "openvino": ov.get_version(),
+            "device": core.get_property(device, "FULL_DEVICE_NAME"),
+            "config": {k: str(v) for k, v in config.items()},
+            "shapes": shapes,
+            "files": [[str(f.absolute()), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.exists()],
+        }
+        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:40]
+
+    def load(self, core: ov.Core, key: str, device: str, config: dict):
+        """(compiled model, the mapping it was imported from) on a hit, else None; a bad blob is deleted."""
+        blob = self.root / f"{key}.blob"
+        if not blob.is_file():
+            return None
+        try:
+            mapped = np.memmap(blob, dtype=np.uint8, mode="c")  # copy-on-write: the file is never written through
+            return core.import_model(ov.Tensor(mapped, shared_memory=True), device, config), mapped
+        except (RuntimeError, ValueError, OSError) as e:
+            log.warning("openvino: cached blob %s cannot be imported (%s); compiling instead", blob, e)
+            blob.unlink(missing_ok=True)
+            return None
+
+    def store(self, key: str, compiled: ov.CompiledModel) -> None:
+        """Write the blob atomically (readers never see half a blob); a failure only costs the next start."""
+        tmp = None
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{key}-", dir=self.root)
+            with os.fdopen(fd, "wb") as f:
+                f.write(compiled.export_model().getbuffer())
+            os.replace(tmp, self.root / f"{key}.blob")
+        except (OSError, RuntimeError) as e:
+            log.warning("openvino: cannot write a compiled blob to %s: %s", self.root, e)
+            if tmp:
+                Path(tmp).unlink(missing_ok=True)
 
 
 def _type_name(value) -> str:
@@ -48,15 +102,20 @@ class OpenVinoSession:
     each run on its own infer request in parallel; the model is compiled for the part's batch.
     """
 
-    def __init__(self, core: ov.Core, path: Path, contract: Contract, device: str, config: dict, streams: int):
+    def __init__(
+        self, core: ov.Core, path: Path, contract: Contract, device: str, config: dict, streams: int,
+        blobs: BlobCache | None = None,
+    ):
         self.contract = contract
         self._core, self._path, self._device, self._config, self._streams = core, path, device, config, streams
+        self._blobs = blobs
         self._model: ov.Model | None = read_model(core, path)  # dropped once compiled: see _compile
         inputs = [_port_name(p, contract.input_names) for p in self._model.inputs]
         outputs = [name for p in self._model.outputs for name in p.get_names()]
         check_names(contract, inputs, outputs, "openvino")
         self._batched = [spec.name for spec in contract.inputs if spec.shape[:1] == (BATCH,)]
-        self._compiled: OrderedDict[tuple, list[ov.InferRequest]] = OrderedDict()
+        # Per shape: the infer requests, and the memory-mapped blob a cached compiled model reads its weights from.
+        self._compiled: OrderedDict[tuple, tuple[list[ov.InferRequest], object]] = OrderedDict()
         self._requests: list[ov.InferRequest] = []
 
     @property
@@ -71,28 +130,35 @@ class OpenVinoSession:
             if len(self._compiled) > MAX_COMPILED_SHAPES:
                 self._compiled.popitem(last=False)
         self._compiled.move_to_end(key)
-        self._requests = self._compiled[key]
+        self._requests = self._compiled[key][0]
 
-    def _compile(self, dims: Mapping[str, int]) -> list[ov.InferRequest]:
+    def _compile(self, dims: Mapping[str, int]) -> tuple[list[ov.InferRequest], object]:
         parts = _parts(dims.get(BATCH, 1), self._streams)
         dims = {**dims, BATCH: dims[BATCH] // parts} if parts > 1 else dims
         shapes = {spec.name: list(spec.concrete_shape(dims)) for spec in self.contract.inputs}
         start = time.perf_counter()
+        key = self._blobs.key(self._core, self._path, shapes, self._device, self._config) if self._blobs else None
+        hit = self._blobs.load(self._core, key, self._device, self._config) if key else None
+        compiled, mapped = hit or (self._compile_model(shapes), None)
+        if key and not hit:
+            self._blobs.store(key, compiled)
+        log.debug(
+            "openvino: %s %s for %s x %d in %.2f s (%s, %s streams)", "imported" if hit else "compiled",
+            self.contract.component, shapes, parts, time.perf_counter() - start,
+            _type_name(compiled.get_property("INFERENCE_PRECISION_HINT")), compiled.get_property("NUM_STREAMS"),
+        )
+        return [compiled.create_infer_request() for _ in range(parts)], mapped
+
+    def _compile_model(self, shapes: dict[str, list[int]]) -> ov.CompiledModel:
         # The compiled model keeps its own copy of the weights; the ov.Model beside it would keep the IR's (memory-
         # mapped) weights resident for nothing, so it is read again only when a new shape needs compiling.
         model, self._model = self._model or read_model(self._core, self._path), None
         ports = {_port_name(p, self.contract.input_names): p for p in model.inputs}
         model.reshape({ports[name]: shape for name, shape in shapes.items()})
         try:
-            compiled = self._core.compile_model(model, self._device, self._config)
+            return self._core.compile_model(model, self._device, self._config)
         except RuntimeError as e:
             raise BackendError(f"openvino cannot compile {self.contract.component} for {shapes}: {e}") from None
-        log.debug(
-            "openvino: compiled %s for %s x %d in %.2f s (%s, %s streams)", self.contract.component, shapes, parts,
-            time.perf_counter() - start, _type_name(compiled.get_property("INFERENCE_PRECISION_HINT")),
-            compiled.get_property("NUM_STREAMS"),
-        )
-        return [compiled.create_infer_request() for _ in range(parts)]
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         if not self._requests:
@@ -190,8 +256,6 @@ class OpenVinoBackend:
             config["INFERENCE_PRECISION_HINT"] = PRECISIONS[precision]
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
-        if self.cache_dir is not None:
-            config["CACHE_DIR"] = str(self.cache_dir)
         return config
 
     @property
@@ -204,4 +268,5 @@ class OpenVinoBackend:
             raise BackendError(f"openvino cannot run {component.name} stored as {component.format!r}")
         path = Path(bundle) / component.file
         config = {**self.config, "INFERENCE_PRECISION_HINT": "f32"} if component.contract.full_precision else self.config
-        return OpenVinoSession(self.core, path, component.contract, self.device, config, self.streams)
+        blobs = BlobCache(self.cache_dir) if self.cache_dir is not None else None
+        return OpenVinoSession(self.core, path, component.contract, self.device, config, self.streams, blobs)
