@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -271,6 +272,18 @@ def test_a_damaged_blob_is_compiled_again(ov_bundle, tmp_path, caplog):
     assert "cannot be imported" in caplog.text
     assert blob.stat().st_size == size  # compiled and written whole again
     np.testing.assert_array_equal(again, first)
+
+
+def test_names_that_differ_from_the_contract_fail_clearly(ov_bundle, tmp_path):
+    comp = read_manifest(ov_bundle).components["unet"]
+    dims = comp.contract.check_inputs(unet_feeds(batch=2))
+    first, *rest = comp.contract.inputs
+    wrong = replace(comp, contract=replace(comp.contract, inputs=(replace(first, name="latents"), *rest)))
+    with pytest.raises(BackendError, match="the openvino graph has inputs"):
+        OpenVinoBackend(cache=False).load(ov_bundle, wrong)  # read and checked at load
+    session = OpenVinoBackend(cache_dir=tmp_path).load(ov_bundle, wrong)  # a blob may spare the read: checked later
+    with pytest.raises(BackendError, match="the openvino graph has inputs"):
+        session.prepare(dims)
 
 
 def test_backend_options_are_checked():

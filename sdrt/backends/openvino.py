@@ -109,14 +109,23 @@ class OpenVinoSession:
         self.contract = contract
         self._core, self._path, self._device, self._config, self._streams = core, path, device, config, streams
         self._blobs = blobs
-        self._model: ov.Model | None = read_model(core, path)  # dropped once compiled: see _compile
-        inputs = [_port_name(p, contract.input_names) for p in self._model.inputs]
-        outputs = [name for p in self._model.outputs for name in p.get_names()]
-        check_names(contract, inputs, outputs, "openvino")
+        # The model is read now (its names checked at load) unless compiled blobs may make reading it unnecessary:
+        # then it is read, and the names checked, when a shape is first compiled or imported. Dropped once compiled.
+        self._model: ov.Model | None = None if blobs else read_model(core, path)
+        self._checked = False
+        if self._model is not None:
+            self._check_ports(self._model)
         self._batched = [spec.name for spec in contract.inputs if spec.shape[:1] == (BATCH,)]
         # Per shape: the infer requests, and the memory-mapped blob a cached compiled model reads its weights from.
         self._compiled: OrderedDict[tuple, tuple[list[ov.InferRequest], object]] = OrderedDict()
         self._requests: list[ov.InferRequest] = []
+
+    def _check_ports(self, model: ov.Model | ov.CompiledModel) -> None:
+        if not self._checked:
+            inputs = [_port_name(p, self.contract.input_names) for p in model.inputs]
+            outputs = [name for p in model.outputs for name in p.get_names()]
+            check_names(self.contract, inputs, outputs, "openvino")
+            self._checked = True
 
     @property
     def compiled_shapes(self) -> list[dict[str, int]]:
@@ -140,6 +149,7 @@ class OpenVinoSession:
         key = self._blobs.key(self._core, self._path, shapes, self._device, self._config) if self._blobs else None
         hit = self._blobs.load(self._core, key, self._device, self._config) if key else None
         compiled, mapped = hit or (self._compile_model(shapes), None)
+        self._check_ports(compiled)
         if key and not hit:
             self._blobs.store(key, compiled)
         log.debug(
@@ -153,6 +163,7 @@ class OpenVinoSession:
         # The compiled model keeps its own copy of the weights; the ov.Model beside it would keep the IR's (memory-
         # mapped) weights resident for nothing, so it is read again only when a new shape needs compiling.
         model, self._model = self._model or read_model(self._core, self._path), None
+        self._check_ports(model)
         ports = {_port_name(p, self.contract.input_names): p for p in model.inputs}
         model.reshape({ports[name]: shape for name, shape in shapes.items()})
         try:
