@@ -98,6 +98,10 @@ def _add_export(sub) -> None:
                    "source's taesd/ subfolder when it has one)")
     p.add_argument("--no-safety-checker", action="store_true", help="leave out the source's safety_checker/ "
                    "(exported by default when a diffusers folder has one)")
+    p.add_argument("--weights-storage", choices=["fp32", "fp16"], default="fp32", help="how the ONNX files store "
+                   "weights: fp16 halves them (large weights rounded to fp16, each cast back to fp32 in the graph: "
+                   "compute, inputs and outputs stay fp32; validated against torch with the same rounding). "
+                   "Default fp32")
     _add_conversion_options(p)
     p.set_defaults(run=_export)
 
@@ -189,7 +193,7 @@ def _export(args) -> int:
     if args.target == "onnx" and (args.weights != "fp32" or args.quantize_unet or args.psnr_gate is not None):
         raise SdrtError("--weights, --quantize-unet and --psnr-gate apply to --target openvino; ONNX bundles are fp32")
     options = dict(original_config=args.original_config, prediction_type=args.prediction_type, opset=args.opset,
-                   taesd=args.taesd, safety_checker=not args.no_safety_checker)
+                   taesd=args.taesd, safety_checker=not args.no_safety_checker, weights_storage=args.weights_storage)
     if args.target == "onnx":
         manifest = export_bundle(args.source, args.output, overwrite=args.overwrite, **options)
     else:
@@ -235,7 +239,7 @@ def _print_bundle(output: Path, manifest) -> None:
     print(f"{output}: {len(manifest.components)} components, {len(manifest.files)} files")
     for comp in manifest.components.values():
         v = comp.validation
-        print(f"  {comp.name}: {comp.format} {comp.precision}, export max abs error "
+        print(f"  {comp.name}: {comp.format} {comp.precision}{_storage_text(comp)}, export max abs error "
               f"{v.get('max_abs_error', float('nan')):.2e} (tolerance {v.get('tolerance')})")
     if "validation" in manifest.source:
         print(f"  image: {_psnr_text(manifest.source['validation'])}")
@@ -244,6 +248,13 @@ def _print_bundle(output: Path, manifest) -> None:
 def _psnr_text(v: dict) -> str:
     measured = "identical" if v.get("psnr_db") is None else f"PSNR {v['psnr_db']:.2f} dB"
     return f"{measured} against the {v.get('reference', '?')} (minimum {v.get('min_psnr_db')} dB)"
+
+
+def _storage_text(component) -> str:
+    """", fp16 weights" for an ONNX component exported with fp16 weight storage (recorded in its validation); a
+    conversion to another format stores the weights its own way, which its precision says."""
+    storage = component.validation.get("weights_storage", "fp32") if component.format == "onnx" else "fp32"
+    return "" if storage == "fp32" else f", {storage} weights"
 
 
 def _info(args) -> int:
@@ -284,7 +295,7 @@ def describe(root: Path, manifest) -> str:
     for c in manifest.components.values():
         err = c.validation.get("max_abs_error")
         check = f"max abs error {err:.2e} <= {c.validation.get('tolerance')}" if err is not None else "not validated"
-        lines.append(f"  {c.name:<13} {c.file} ({c.format}, {c.precision}; {check})")
+        lines.append(f"  {c.name:<13} {c.file} ({c.format}, {c.precision}{_storage_text(c)}; {check})")
         for kind, specs in (("in ", c.contract.inputs), ("out", c.contract.outputs)):
             for t in specs:
                 lines.append(f"      {kind} {t.name}: {t.dtype} {list(t.shape)}")

@@ -13,8 +13,9 @@ from sdrt.bundle import BundleWriter, Component, Manifest, ModelInfo, TokenizerI
 from sdrt.errors import ExportError
 from sdrt.export.clip_vocab import read_tokenizer_files
 from sdrt.export.components import CHECK_SHAPES, ComponentSpec, axis_sizes, component_specs, sample_inputs
+from sdrt.export.fp16_storage import WEIGHTS_STORAGE, round_to_fp16
 from sdrt.export.onnx_export import export_onnx, parameter_bytes
-from sdrt.export.parity import check_parity
+from sdrt.export.parity import check_parity, max_difference, torch_outputs
 from sdrt.export.safety import load_safety_checker, safety_spec
 from sdrt.export.source import SourceModel, load_source
 from sdrt.export.taesd import load_taesd, taesd_spec
@@ -38,15 +39,19 @@ def export_bundle(
     overwrite: bool = False,
     taesd: Path | str | None = None,
     safety_checker: bool = True,
+    weights_storage: str = "fp32",
 ) -> Manifest:
     """Export a diffusers folder or single file to a validated ONNX bundle at `out`; returns its manifest.
 
     `taesd`: an AutoencoderTiny folder to add as the optional `taesd_decoder`; None looks for a `taesd/` or
     `vae_tiny/` subfolder of a diffusers folder. `safety_checker`: export the folder's `safety_checker/` (with its
-    `feature_extractor/` preprocessing) when it has one; False leaves it out.
+    `feature_extractor/` preprocessing) when it has one; False leaves it out. `weights_storage` "fp16" halves the
+    files: large weights rounded to and stored as fp16, computed in fp32 (sdrt.export.fp16_storage).
     """
     if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
         raise ExportError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+    if weights_storage not in WEIGHTS_STORAGE:
+        raise ExportError(f"weights_storage must be one of {WEIGHTS_STORAGE}, got {weights_storage!r}")
     with BundleWriter(out, overwrite=overwrite) as writer:  # checks `out` before the slow load
         model = load_source(source, original_config, prediction_type)
         info = model_info(model, prediction_type)
@@ -61,7 +66,7 @@ def export_bundle(
             specs.append(safety_spec(*safety))
         components = {}
         for spec in specs:
-            components[spec.name] = export_component(spec, writer.path, opset, info.vae_scale_factor)
+            components[spec.name] = export_component(spec, writer.path, opset, info.vae_scale_factor, weights_storage)
         tokenizer = write_tokenizer(model, writer.path, components["text_encoder"])
         scheduler = {**model.scheduler, "prediction_type": info.prediction_type}
         manifest = Manifest(
@@ -71,21 +76,42 @@ def export_bundle(
         return writer.commit(manifest)
 
 
-def export_component(spec: ComponentSpec, root: Path, opset: int, vae_scale_factor: int) -> Component:
-    """Export one component to `root/<name>/model.onnx`, check its parity, and describe it for the manifest."""
+def export_component(
+    spec: ComponentSpec, root: Path, opset: int, vae_scale_factor: int, weights_storage: str = "fp32",
+) -> Component:
+    """Export one component to `root/<name>/model.onnx`, check its parity, and describe it for the manifest.
+
+    With fp16 weight storage the torch module's weights are rounded to fp16 first, in place: the graph is traced
+    from the rounded module and validated against it, and the rounding's own effect is recorded beside.
+    """
     rel = f"{spec.name}/model.onnx"
     log.info("%s: exporting (%.0f MB of weights)", spec.name, parameter_bytes(spec.module) / 1e6)
     start = time.perf_counter()
+    fp32_outputs = None
+    if weights_storage == "fp16":  # rounded as the file will be, torch then measures the graph alone
+        fp32_outputs = torch_outputs(spec, CHECK_SHAPES, vae_scale_factor)
+        round_to_fp16(spec.module)
     generator = torch.Generator().manual_seed(TRACE_SEED)
     trace_args = sample_inputs(spec, axis_sizes(CHECK_SHAPES[0], vae_scale_factor), generator)
-    export_onnx(spec.module, trace_args, spec.contract, root / rel, opset=opset)
+    export_onnx(spec.module, trace_args, spec.contract, root / rel, opset=opset, weights_storage=weights_storage)
     exported = time.perf_counter()
     validation = check_parity(spec, root / rel, CHECK_SHAPES, vae_scale_factor)
     log.info(
         "%s: exported in %.1f s, validated in %.1f s: max abs error %.2e (tolerance %g)", spec.name,
         exported - start, time.perf_counter() - exported, validation["max_abs_error"], spec.tolerance,
     )
+    if fp32_outputs is not None:
+        validation.update(fp16_record(spec, fp32_outputs, vae_scale_factor))
     return Component(spec.name, rel, spec.contract, validation=validation, preprocess=spec.preprocess)
+
+
+def fp16_record(spec: ComponentSpec, fp32_outputs: list, vae_scale_factor: int) -> dict:
+    """What fp16 storage adds to a component's validation: the reference it was checked against, and how far
+    rounding the weights moved torch's own outputs on the same inputs."""
+    rounding = max_difference(fp32_outputs, torch_outputs(spec, CHECK_SHAPES, vae_scale_factor))
+    log.info("%s: weights stored as fp16; rounding them moves torch's outputs by up to %.2e", spec.name, rounding)
+    return {"weights_storage": "fp16", "reference": "torch, weights rounded to fp16",
+            "weights_rounding_max_abs_error": rounding}
 
 
 def model_info(model: SourceModel, prediction_type: str | None) -> ModelInfo:

@@ -12,6 +12,7 @@ from torch import nn
 
 from sdrt.contracts import Contract
 from sdrt.errors import ExportError
+from sdrt.export.fp16_storage import store_fp16
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,12 @@ def export_onnx(
     *,
     opset: int = 17,
     external_data: bool | None = None,
+    weights_storage: str = "fp32",
 ) -> list[Path]:
     """Write `module` traced on `args` to `path`; returns the files written (the model, and its .data if external).
 
-    `external_data` None decides by EXTERNAL_DATA_THRESHOLD.
+    `external_data` None decides by EXTERNAL_DATA_THRESHOLD. `weights_storage` "fp16" stores the large weights as
+    fp16, cast to fp32 in the graph (sdrt.export.fp16_storage).
     """
     if external_data is None:
         external_data = parameter_bytes(module) > EXTERNAL_DATA_THRESHOLD
@@ -57,6 +60,8 @@ def export_onnx(
         _trace(module, args, contract, traced, opset)
         # The exporter may scatter weights over one file per tensor; loading gathers them for a single-file save.
         model = onnx.load(str(traced))
+    if weights_storage == "fp16":
+        store_fp16(model)
     return _save(model, path, external_data)
 
 

@@ -44,10 +44,27 @@ def check_parity(spec: ComponentSpec, path: Path, shapes, vae_scale_factor: int)
     return {"max_abs_error": worst, "tolerance": spec.tolerance, "shapes": checked}
 
 
-def _max_abs_error(spec: ComponentSpec, session: ort.InferenceSession, args: tuple[torch.Tensor, ...]) -> float:
+def torch_outputs(spec: ComponentSpec, shapes, vae_scale_factor: int) -> list[tuple[np.ndarray, ...]]:
+    """The torch module's outputs at each of `shapes`, on the very inputs `check_parity` draws."""
+    generator = torch.Generator().manual_seed(PARITY_SEED)
+    return [tuple(t.numpy() for t in _torch_call(spec, sample_inputs(spec, axis_sizes(s, vae_scale_factor), generator)))
+            for s in shapes]
+
+
+def max_difference(a: list[tuple[np.ndarray, ...]], b: list[tuple[np.ndarray, ...]]) -> float:
+    """Max abs difference of two `torch_outputs` results (bool outputs count a flip as 1)."""
+    pairs = [(x, y) for xs, ys in zip(a, b, strict=True) for x, y in zip(xs, ys, strict=True)]
+    return float(np.max([np.max(np.abs(x.astype(np.float32) - y.astype(np.float32))) for x, y in pairs]))
+
+
+def _torch_call(spec: ComponentSpec, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     with torch.no_grad():
-        expected = spec.module(*args)
-    expected = expected if isinstance(expected, tuple) else (expected,)
+        out = spec.module(*args)
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _max_abs_error(spec: ComponentSpec, session: ort.InferenceSession, args: tuple[torch.Tensor, ...]) -> float:
+    expected = _torch_call(spec, args)
     feeds = {name: a.numpy() for name, a in zip(spec.contract.input_names, args)}
     try:
         got = session.run(spec.contract.output_names, feeds)
