@@ -17,6 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent  # the sdrt checkout
 VENVS = Path(__file__).resolve().parent / ".venvs"
 SPEC_FILE = "benchmark-venv.json"
+CONSTRAINTS = "constraints.txt"
 # The only torch these machines can install without pulling a multi-GB CUDA build: installed first, then pinned
 # by a constraint so no later package can replace it.
 TORCH = "torch==2.13.0"
@@ -106,7 +107,7 @@ def _build(spec: VenvSpec) -> None:
         shutil.rmtree(spec.dir)
     spec.dir.parent.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-m", "venv", str(spec.dir)], check=True)
-    constraints = spec.dir / "constraints.txt"
+    constraints = spec.dir / CONSTRAINTS
     constraints.write_text(TORCH + "\n" if spec.torch else "")
     editable = ["-e", f"{ROOT}[{spec.editable_sdrt}]"] if spec.editable_sdrt else []
     with open(f"{spec.dir}.log", "w") as log:
@@ -153,12 +154,17 @@ def installed(spec: VenvSpec) -> dict[str, str]:
 
 
 def size_bytes(spec: VenvSpec) -> int:
-    """Disk use of the venv (interpreter links, site-packages, scripts); plus the sdrt sources an editable install
-    points at, which a regular install would copy in."""
-    total = _du(spec.dir)
+    """Disk use of the venv (interpreter links, site-packages, scripts) but for this harness's own records in it;
+    plus the sdrt sources an editable install points at, which a regular install would copy in."""
+    total = _du(spec.dir) - sum(file_bytes(spec.dir / name) for name in (SPEC_FILE, CONSTRAINTS))
     if spec.editable_sdrt:
         total += _du(ROOT / "sdrt")
     return total
+
+
+def file_bytes(path: Path) -> int:
+    """Disk use of one file, as du counts it (allocated blocks); 0 when it is not there."""
+    return os.lstat(path).st_blocks * 512 if os.path.lexists(path) else 0
 
 
 def _du(path: Path) -> int:
