@@ -79,7 +79,7 @@ def row(entry: dict, flops: dict, venvs: dict) -> list[str]:
         "-" if export is None else f"{export:.0f}" + (" (cached)" if _cached(entry) else ""),
         f"{r['import_s']:.1f}",
         f"{r['cold_start_s']:.1f}",
-        "-" if r.get("warm_start_s") is None else f"{r['warm_start_s']:.1f}",
+        _warm(r),
         f"{r['step_s']:.3f}",
         f"{r['vae_decode_s']:.2f}",
         f"{r['image_s']:.1f}",
@@ -89,6 +89,14 @@ def row(entry: dict, flops: dict, venvs: dict) -> list[str]:
         f"{percent:.0f}",
         "reference" if entry.get("reference") else _psnr(psnr),
     ]
+
+
+def _warm(result: dict) -> str:
+    """Warm-cache start seconds, with that (2-step) run's peak RSS when recorded."""
+    if result.get("warm_start_s") is None:
+        return "-"
+    rss = result.get("warm_peak_rss_bytes")
+    return f"{result['warm_start_s']:.1f}" + ("" if rss is None else f" ({rss / GIB:.2f} GiB)")
 
 
 def _cached(entry: dict) -> bool:

@@ -3,6 +3,8 @@
     python benchmarks/run.py                    # 512x512, 20 steps: the full comparison (hours on 2 cores)
     python benchmarks/run.py --quick            # 256x256, 4 steps (about 20 minutes on 2 cores once exported)
     python benchmarks/run.py --engines diffusers-torch sdrt-openvino --size 512 --steps 20
+    python benchmarks/run.py --cpu-targets      # issue 8: optimum-intel vs sdrt on OpenVINO at 512x512, 20 steps,
+                                                # plus install sizes, int8 quality and a per-op profile, judged
 
 Each tool runs in its own venv (benchmarks/.venvs/, built on first use) and each engine in its own process, one
 at a time, so peak memory is that engine's alone. The model and its exports are cached under benchmarks/.cache/sd15/
@@ -26,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import envs  # noqa: E402
 import report  # noqa: E402
+import targets  # noqa: E402
 from engines import ENGINES, EXPORTS, SOURCE, Engine, export_chain  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -40,6 +43,7 @@ GUIDANCE_SCALE = 7.5  # > 1: classifier-free guidance, so every UNet call runs b
 QUICK = {"size": 256, "steps": 4}
 FULL = {"size": 512, "steps": 20}
 TINY = {"size": 128, "steps": 3}  # --tiny: a toy model that exercises the harness, not a measurement
+CPU_TARGET_ENGINES = (targets.PEER, "sdrt-openvino", targets.INT8)
 RANDOM_WEIGHTS = (
     "Weights are random: compute cost does not depend on weight values (same architecture, shapes and ops), so "
     "time and memory are those of the real SD 1.5. Images are noise; PSNR only tells how closely engines agree."
@@ -92,14 +96,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, choices=[256, 512], help="image size (default 512; --quick 256)")
     parser.add_argument("--steps", type=int, help="denoising steps per image (default 20; --quick 4)")
     parser.add_argument("--quick", action="store_true", help=f"{QUICK['size']}x{QUICK['size']}, {QUICK['steps']} steps")
-    parser.add_argument("--engines", nargs="+", choices=list(ENGINES), default=list(ENGINES), metavar="ENGINE",
+    parser.add_argument("--engines", nargs="+", choices=list(ENGINES), metavar="ENGINE",
                         help=f"default all: {' '.join(ENGINES)}")
+    parser.add_argument("--cpu-targets", action="store_true",
+                        help=f"issue 8: engines {' '.join(CPU_TARGET_ENGINES)} (unless --engines), then the runtime "
+                             "install sizes, the int8 image quality on the shipped model and a per-op profile of "
+                             "the int8 UNet; prints the targets table")
     parser.add_argument("--out", type=Path, help="JSON result (default benchmarks/results/sd15-SIZEpx-STEPSsteps.json)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds any one export or engine may take")
     parser.add_argument("--export-only", action="store_true", help="build the venvs and exports, measure nothing")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # harness smoke test
     args = parser.parse_args(argv)
     defaults = TINY if args.tiny else QUICK if args.quick else FULL
+    args.engines = args.engines or list(CPU_TARGET_ENGINES if args.cpu_targets else ENGINES)
     args.size = args.size or defaults["size"]
     args.steps = args.steps or defaults["steps"]
     args.model_key = "tiny" if args.tiny else "sd15"  # exports do not depend on the size: one cache for all
@@ -218,12 +227,12 @@ class Bench:
             return {**entry, "error": f"exit {p.returncode}: {p.tail()}".strip()}
         log(f"engine {engine.name}: {result['step_s']:.3f} s/step, {result['image_s']:.1f} s/image")
         if engine.options.get("backend") == "openvino":
-            result["warm_start_s"] = self.warm_start(engine, job)
+            result.update(self.warm_start(engine, job))
         return {**entry, "result": result, "image": str(image)}
 
-    def warm_start(self, engine: Engine, job: dict) -> float | None:
-        """Process start -> first step done with sdrt's compiled-model cache warm: one run fills a fresh cache,
-        a second is timed (two steps each: the worker times steps after the first)."""
+    def warm_start(self, engine: Engine, job: dict) -> dict:
+        """Process start -> first step done with sdrt's compiled-model cache warm, and that process's peak RSS:
+        one run fills a fresh cache, a second is timed (two steps each: the worker times steps after the first)."""
         cache = self.cache / "ov-cache" / engine.name
         shutil.rmtree(cache, ignore_errors=True)
         job = {**job, "steps": 2, "image": str(cache / "image.png"), "options": {**engine.options,
@@ -234,9 +243,10 @@ class Bench:
             result = worker_result(p)
             if result is None:
                 log(f"engine {engine.name}: warm-cache start FAILED (log {p.log})")
-                return None
-        log(f"engine {engine.name}: {result['import_s'] + result['cold_start_s']:.1f} s to the first step, warm cache")
-        return result["import_s"] + result["cold_start_s"]
+                return {}
+        seconds = result["import_s"] + result["cold_start_s"]
+        log(f"engine {engine.name}: {seconds:.1f} s to the first step, warm cache")
+        return {"warm_start_s": seconds, "warm_peak_rss_bytes": p.peak_rss_bytes}
 
     def psnr(self, entries: list[dict]) -> None:
         """PSNR of each engine's image against the reference engine's (same prompt, seed, steps, sampler)."""
@@ -247,6 +257,29 @@ class Bench:
         values = self.helper("psnr.py", reference["image"], *(e["image"] for e in others)).last_json()
         for e in others:
             e["psnr_vs_reference"] = {**values[e["image"]], "reference": reference["engine"]}
+
+    def cpu_target_extras(self, result: dict) -> None:
+        """What issue 8 judges besides the engines' table: install sizes, int8 quality on the shipped (trained)
+        model, the int8 UNet's per-op profile at this size; then the targets, judged."""
+        out = self.cache / "cpu-targets"
+        shutil.rmtree(out, ignore_errors=True)  # nothing from an earlier run may be taken for this one's
+        parts = {
+            "install": ("install_size.py", "dev", "--paths", "openvino", "--out", str(out / "install-size.json")),
+            "quant_quality": ("quant_quality.py", "sdrt-openvino", "--out", str(out / "quant-quality.json")),
+            "profile": ("profile_openvino.py", "sdrt-openvino", str(self.cache / targets.INT8), "--size",
+                        str(self.args.size), "--steps", "3", "--out", str(out / "profile")),
+        }
+        for key, (script, venv, *cli) in parts.items():
+            log(f"{key}: {script} {' '.join(cli)}")
+            if self.venv(venv):
+                continue
+            p = run_process(["python", str(HERE / script), *cli], venv, self.logs / f"{script}.log", self.args.timeout)
+            written = sorted(Path(cli[-1]).glob("*.json")) if key == "profile" else [Path(cli[-1])]
+            if p.returncode or not written:
+                log(f"{key}: FAILED (exit {p.returncode}, log {p.log})")
+                continue
+            result[key] = json.loads(written[-1].read_text())
+        result["targets"] = targets.evaluate(result)
 
     def venvs_record(self) -> dict:
         """Size and package versions of each venv used; the error of each that could not be built."""
@@ -276,11 +309,15 @@ def main(argv: list[str] | None = None) -> int:
     result["flops"] = bench.flops()
     result["engines"] = [entry if "error" in entry else bench.measure(entry) for entry in entries]
     bench.psnr(result["engines"])
+    if args.cpu_targets:
+        bench.cpu_target_extras(result)
     result["venvs"] = bench.venvs_record()
     result["wall_s"] = time.perf_counter() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(report.markdown(result))
+    if args.cpu_targets:
+        print("\n" + targets.markdown(result["targets"]))
     log(f"wrote {args.out} ({result['wall_s'] / 60:.1f} min)")
     return 0
 
