@@ -58,7 +58,7 @@ class TokenizerInfo:
 
 @dataclass(frozen=True)
 class Component:
-    """One exported graph: its file, engine format, precision, contract and measured parity."""
+    """One exported graph: its file, engine format, precision, weight storage, contract and measured parity."""
 
     name: str
     file: str
@@ -69,12 +69,17 @@ class Component:
     # How the runtime turns images into the inputs (the safety checker's CLIPImageProcessor parameters,
     # sdrt.runtime.safety.ClipPreprocess); empty for components fed tensors, and in bundles written before it.
     preprocess: dict = field(default_factory=dict)
+    # How the file stores its large weights: "fp32", or "fp16" cast back to fp32 by the graph (sdrt.export.
+    # fp16_storage). `precision` is what the graph computes in; written only when not "fp32", as old bundles lack it.
+    weights_storage: str = "fp32"
 
     def to_dict(self) -> dict:
+        storage = {"weights_storage": self.weights_storage} if self.weights_storage != "fp32" else {}
         d = {
             "file": self.file,
             "format": self.format,
             "precision": self.precision,
+            **storage,
             "contract": self.contract.to_dict(),
             "validation": self.validation,
         }
@@ -90,6 +95,7 @@ class Component:
             d.get("precision", "fp32"),
             d.get("validation", {}),
             d.get("preprocess", {}),
+            d.get("weights_storage", "fp32"),
         )
 
 

@@ -251,10 +251,8 @@ def _psnr_text(v: dict) -> str:
 
 
 def _storage_text(component) -> str:
-    """", fp16 weights" for an ONNX component exported with fp16 weight storage (recorded in its validation); a
-    conversion to another format stores the weights its own way, which its precision says."""
-    storage = component.validation.get("weights_storage", "fp32") if component.format == "onnx" else "fp32"
-    return "" if storage == "fp32" else f", {storage} weights"
+    """", fp16 weights" for a component whose file stores its weights as fp16; "" for fp32 storage."""
+    return "" if component.weights_storage == "fp32" else f", {component.weights_storage} weights"
 
 
 def _info(args) -> int:

@@ -1,6 +1,7 @@
 """fp16 weight storage: files about half the size, fp32 compute, the same contract, parity with fp16-rounded torch."""
 from __future__ import annotations
 
+import json
 import logging
 from types import SimpleNamespace
 
@@ -16,7 +17,7 @@ ort = pytest.importorskip("onnxruntime")
 from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 from transformers import CLIPTextModel  # noqa: E402
 
-from sdrt.bundle import read_manifest, verify_files  # noqa: E402
+from sdrt.bundle import MANIFEST, read_manifest, verify_files  # noqa: E402
 from sdrt.cli import build_parser, describe  # noqa: E402
 from sdrt.errors import ExportError  # noqa: E402
 from sdrt.export import components, export_bundle  # noqa: E402
@@ -129,11 +130,43 @@ def test_manifest_records_the_storage_and_the_rounding(fp16_bundle, tiny_sd1_bun
     verify_files(fp16_bundle, manifest)
     for name, comp in manifest.components.items():
         v = comp.validation
-        assert (v["weights_storage"], v["reference"]) == ("fp16", "torch, weights rounded to fp16")
+        assert (comp.weights_storage, comp.precision) == ("fp16", "fp32")
+        assert v["reference"] == "torch, weights rounded to fp16"
+        assert "weights_storage" not in v
         assert v["max_abs_error"] <= v["tolerance"] / WELL_INSIDE, name
         assert v["weights_rounding_max_abs_error"] > v["max_abs_error"], name  # rounding is measured, and real
-    assert all("weights_storage" not in c.validation for c in read_manifest(tiny_sd1_bundle).components.values())
     assert "(onnx, fp32, fp16 weights; max abs error" in describe(fp16_bundle, manifest)
+    written = json.loads((fp16_bundle / MANIFEST).read_text())["components"]
+    assert {c["weights_storage"] for c in written.values()} == {"fp16"}
+
+
+def test_fp32_storage_leaves_the_manifest_as_before(tiny_sd1_bundle):
+    """fp32 storage is the default and is not written: fp32 manifests read and write as they did before the field."""
+    written = json.loads((tiny_sd1_bundle / MANIFEST).read_text())["components"]
+    assert all("weights_storage" not in c and "weights_storage" not in c["validation"] for c in written.values())
+    manifest = read_manifest(tiny_sd1_bundle)
+    for name, comp in manifest.components.items():
+        assert comp.weights_storage == "fp32"
+        assert json.loads(json.dumps(comp.to_dict())) == written[name]
+    assert "fp16 weights" not in describe(tiny_sd1_bundle, manifest)
+
+
+def test_openvino_conversion_stores_fp32(fp16_bundle, tmp_path):
+    """convert_model folds the fp16 weights' casts: the IR holds fp32 constants, and the manifest must say so."""
+    ov = pytest.importorskip("openvino")
+    from sdrt.export.openvino import MIN_PSNR_DB, convert_bundle
+
+    manifest = convert_bundle(fp16_bundle, tmp_path / "ov")
+    check = manifest.source["validation"]
+    assert check["psnr_db"] is None or check["psnr_db"] >= check["min_psnr_db"] == MIN_PSNR_DB["fp32"]
+    assert read_manifest(tmp_path / "ov") == manifest
+    for name, comp in manifest.components.items():
+        assert (comp.format, comp.precision, comp.weights_storage) == ("openvino", "fp32", "fp32"), name
+        model = ov.Core().read_model(str(tmp_path / "ov" / comp.file))
+        types = {op.get_element_type().get_type_name() for op in model.get_ops() if op.get_type_name() == "Constant"}
+        assert "f32" in types and "f16" not in types, name
+    written = json.loads((tmp_path / "ov" / MANIFEST).read_text())["components"]
+    assert all("weights_storage" not in c for c in written.values())
 
 
 # --- the numbers -----------------------------------------------------------------------------------------------

@@ -102,7 +102,8 @@ def export_component(
     )
     if fp32_outputs is not None:
         validation.update(fp16_record(spec, fp32_outputs, vae_scale_factor))
-    return Component(spec.name, rel, spec.contract, validation=validation, preprocess=spec.preprocess)
+    return Component(spec.name, rel, spec.contract, validation=validation, preprocess=spec.preprocess,
+                     weights_storage=weights_storage)
 
 
 def fp16_record(spec: ComponentSpec, fp32_outputs: list, vae_scale_factor: int) -> dict:
@@ -110,8 +111,7 @@ def fp16_record(spec: ComponentSpec, fp32_outputs: list, vae_scale_factor: int) 
     rounding the weights moved torch's own outputs on the same inputs."""
     rounding = max_difference(fp32_outputs, torch_outputs(spec, CHECK_SHAPES, vae_scale_factor))
     log.info("%s: weights stored as fp16; rounding them moves torch's outputs by up to %.2e", spec.name, rounding)
-    return {"weights_storage": "fp16", "reference": "torch, weights rounded to fp16",
-            "weights_rounding_max_abs_error": rounding}
+    return {"reference": "torch, weights rounded to fp16", "weights_rounding_max_abs_error": rounding}
 
 
 def model_info(model: SourceModel, prediction_type: str | None) -> ModelInfo:
