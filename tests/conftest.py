@@ -5,6 +5,17 @@ import pytest
 
 
 @pytest.fixture(scope="session")
+def clip_tokenizer_dir(tmp_path_factory):
+    """CLIP ViT-L/14's vocab.json + merges.txt, as an export writes them from the shipped merges.txt."""
+    from sdrt.export.clip_vocab import read_tokenizer_files
+    from sdrt.export.ldm_config import CLIP_L14_DIR
+
+    out = tmp_path_factory.mktemp("clip-tokenizer")
+    read_tokenizer_files(CLIP_L14_DIR, out)
+    return out
+
+
+@pytest.fixture(scope="session")
 def tiny_sd1_dir(tmp_path_factory):
     """A tiny SD1 diffusers folder (transformers 5 layout), random weights from seed 0."""
     pytest.importorskip("diffusers")

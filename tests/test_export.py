@@ -25,7 +25,6 @@ from sdrt.contracts import (  # noqa: E402
 from sdrt.errors import BundleError, ExportError  # noqa: E402
 from sdrt.export import components, export_bundle, onnx_export  # noqa: E402
 from sdrt.export.components import CHECK_SHAPES, component_specs  # noqa: E402
-from sdrt.export.ldm_config import CLIP_L14_DIR  # noqa: E402
 from sdrt.export.onnx_export import export_onnx, parameter_bytes  # noqa: E402
 from sdrt.export.parity import check_parity  # noqa: E402
 
@@ -112,9 +111,9 @@ def test_manifest_model_scheduler_source_tools(tiny_sd1_dir, manifest):
     assert (manifest.tokenizer.pad_token, manifest.tokenizer.max_length) == ("<|endoftext|>", 77)
 
 
-def test_tokenizer_files_are_the_clip_vocab(tiny_sd1_bundle):
+def test_tokenizer_files_are_the_clip_vocab(tiny_sd1_bundle, clip_tokenizer_dir):
     vocab = json.loads((tiny_sd1_bundle / "tokenizer" / "vocab.json").read_text())
-    assert vocab == json.loads((CLIP_L14_DIR / "vocab.json").read_text())
+    assert vocab == json.loads((clip_tokenizer_dir / "vocab.json").read_text())
     assert (vocab["<|startoftext|>"], vocab["<|endoftext|>"], len(vocab)) == (49406, 49407, VOCAB)
 
 
@@ -193,7 +192,7 @@ def test_external_data_single_file(tmp_path, reference):
     assert record["max_abs_error"] <= TEXT_TOL
 
 
-def test_bundle_from_single_file_with_forced_external_data(tmp_path, monkeypatch):
+def test_bundle_from_single_file_with_forced_external_data(tmp_path, monkeypatch, clip_tokenizer_dir):
     """A .safetensors single file to a bundle, every component forced to external data (as the SD UNet is)."""
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_THRESHOLD", 0)
     path = save_tiny_single_file(tmp_path / "tiny.safetensors")
@@ -206,6 +205,8 @@ def test_bundle_from_single_file_with_forced_external_data(tmp_path, monkeypatch
         validation = manifest.components[name].validation
         assert validation["max_abs_error"] <= validation["tolerance"]
     assert manifest.source == {"path": str(path), "kind": "single_file", "sha256": sha256_file(path)}
+    for name in ("vocab.json", "merges.txt"):  # the single file's tokenizer: CLIP's, vocab rebuilt from the merges
+        assert manifest.files[f"tokenizer/{name}"] == sha256_file(clip_tokenizer_dir / name)
     model = manifest.model
     assert (model.family, model.prediction_type, model.name) == ("sd1", "v_prediction", "tiny")
     assert manifest.scheduler["prediction_type"] == "v_prediction"

@@ -72,12 +72,12 @@ def test_transformers4_folder_loads_the_same_model(tmp_path, folder_model):
     assert _max_abs(_unet_output(model), _unet_output(folder_model)) <= LAYOUT_TOLERANCE
 
 
-def test_both_tokenizer_layouts_give_the_shipped_clip_files(tmp_path, tiny_sd1_dir):
+def test_both_tokenizer_layouts_give_the_shipped_clip_files(tmp_path, tiny_sd1_dir, clip_tokenizer_dir):
     old = save_tiny_sd1(tmp_path / "tiny-t4", layout="transformers4", seed=SEED)
     for name, folder in (("t5", tiny_sd1_dir), ("t4", old)):
         pad, max_length = read_tokenizer_files(folder / "tokenizer", tmp_path / name)
         assert (pad, max_length) == ("<|endoftext|>", 77)
-        assert _vocab(tmp_path / name) == _vocab(CLIP_L14_DIR)
+        assert _vocab(tmp_path / name) == _vocab(clip_tokenizer_dir)
         assert _merges(tmp_path / name / "merges.txt") == _merges(CLIP_L14_DIR / "merges.txt")
 
 

@@ -1,7 +1,5 @@
 """A1111 prompts against AUTOMATIC1111/stable-diffusion-webui (prompt_parser.py, sd_hijack_clip.py)."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -11,20 +9,19 @@ from sdrt.runtime.tokenizer import ClipTokenizer
 
 PARSE_TOLERANCE = "exact"  # parsed weights are compared with ==, as A1111's doctest does
 EMBEDDING_RTOL = 1e-6  # float32 products and float64 means in the emphasis arithmetic
-CLIP = Path(__file__).resolve().parent.parent / "sdrt" / "export" / "configs" / "clip-vit-large-patch14"
 BOS, EOS, COMMA, CAT, DOG = 49406, 49407, 267, 2368, 1929
 SD2_PAD = 0  # "!" in the CLIP vocab; SD2's OpenCLIP pads with id 0
 DIM = 8
 
 
 @pytest.fixture(scope="module")
-def sd1():
-    return ClipTokenizer.from_files(CLIP / "vocab.json", CLIP / "merges.txt")
+def sd1(clip_tokenizer_dir):
+    return ClipTokenizer.from_files(clip_tokenizer_dir / "vocab.json", clip_tokenizer_dir / "merges.txt")
 
 
 @pytest.fixture(scope="module")
-def sd2():
-    return ClipTokenizer.from_files(CLIP / "vocab.json", CLIP / "merges.txt", pad_token="!")
+def sd2(clip_tokenizer_dir):
+    return ClipTokenizer.from_files(clip_tokenizer_dir / "vocab.json", clip_tokenizer_dir / "merges.txt", pad_token="!")
 
 
 def fake_encoder(ids: np.ndarray) -> np.ndarray:

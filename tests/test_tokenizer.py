@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sdrt.bundle import sha256_file
 from sdrt.export.clip_vocab import N_MERGES, read_tokenizer_files, write_clip_vocab_from_bpe
+from sdrt.export.ldm_config import CLIP_L14_DIR
 from sdrt.runtime.tokenizer import ClipTokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -39,6 +41,10 @@ PROMPTS = [
 # Published ids in openai/clip-vit-large-patch14's vocab.json, independent of transformers.
 KNOWN_IDS = {"!": 0, "!</w>": 256, "'s</w>": 568, "about</w>": 781, "!!": 1443, "aaaah</w>": 49151,
              "<|startoftext|>": 49406, "<|endoftext|>": 49407}
+# sha256 of the vocab.json sdrt shipped in CLIP_L14_DIR until it was rebuilt from merges.txt at export time (the
+# shipped demo bundle's tokenizer/vocab.json is the same bytes), and of the merges.txt still shipped there.
+SHIPPED_VOCAB_SHA256 = "3f0c4f7d2086b61b38487075278ea9ed04edb53a03cbb045b86c27190fa8fb69"
+SHIPPED_MERGES_SHA256 = "f1cd414c2d113a28b296afc0fd66ae854c0e0c34d5de373a2f5b7f62e0c02344"
 
 
 @pytest.fixture(scope="session")
@@ -146,6 +152,31 @@ def test_read_tokenizer_files_transformers4_layout(clip_files, tmp_path):
     config.pop("pad_token")
     (saved / "tokenizer_config.json").write_text(json.dumps(config))
     assert read_tokenizer_files(saved, saved) == ("<|endoftext|>", 77)  # SD1: default pad, in place
+
+
+def test_shipped_merges_rebuild_the_removed_vocab(clip_tokenizer_dir):
+    assert not (CLIP_L14_DIR / "vocab.json").exists()  # the package ships the merges only
+    assert sha256_file(CLIP_L14_DIR / "merges.txt") == SHIPPED_MERGES_SHA256
+    assert sha256_file(clip_tokenizer_dir / "vocab.json") == SHIPPED_VOCAB_SHA256  # byte for byte the removed file
+    assert sha256_file(clip_tokenizer_dir / "merges.txt") == SHIPPED_MERGES_SHA256
+    vocab = json.loads((clip_tokenizer_dir / "vocab.json").read_text("utf-8"))
+    assert len(vocab) == 49408 and {t: vocab[t] for t in KNOWN_IDS} == KNOWN_IDS
+
+
+@pytest.mark.parametrize("pad_token", ["<|endoftext|>", "!"])
+def test_rebuilt_vocab_ids_equal_transformers_on_open_clips_bpe(clip_tokenizer_dir, clip_files, pad_token):
+    """The rebuilt files against transformers' CLIPTokenizer on files built from open_clip's own BPE file."""
+    _assert_same_files(clip_tokenizer_dir, clip_files)
+    ours = ClipTokenizer.from_files(clip_tokenizer_dir / "vocab.json", clip_tokenizer_dir / "merges.txt",
+                                    pad_token=pad_token)
+    np.testing.assert_array_equal(ours(PROMPTS), _reference_ids(_reference(clip_files[0].parent, pad_token), PROMPTS))
+
+
+def test_merges_of_another_bpe_need_their_vocab(tmp_path):
+    (tmp_path / "merges.txt").write_text("#version: 0.2\ni n\nt h\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="2 merges where CLIP has 48894; its vocab.json is needed"):
+        read_tokenizer_files(tmp_path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_read_tokenizer_files_rejects_unknown_layout(tmp_path):

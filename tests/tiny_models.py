@@ -16,6 +16,7 @@ from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from sdrt.export.clip_vocab import read_tokenizer_files
 from sdrt.export.ldm_config import (
     CLIP_L14_DIR,
     OPEN_CLIP_H14_CONFIG,
@@ -116,9 +117,8 @@ def _model_index() -> dict:
 
 
 def _save_vocab_merges(tokenizer_dir: Path, pad_token: str = "<|endoftext|>") -> None:
-    tokenizer_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
-        shutil.copy(CLIP_L14_DIR / name, tokenizer_dir / name)
+    read_tokenizer_files(CLIP_L14_DIR, tokenizer_dir)  # vocab.json rebuilt from the shipped merges.txt
+    shutil.copy(CLIP_L14_DIR / "tokenizer_config.json", tokenizer_dir / "tokenizer_config.json")
     special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
                "pad_token": pad_token}
     (tokenizer_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2))

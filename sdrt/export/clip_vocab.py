@@ -1,4 +1,5 @@
-"""Write the CLIP tokenizer's vocab.json and merges.txt from open_clip's BPE file or a saved tokenizer folder."""
+"""Write the CLIP tokenizer's vocab.json and merges.txt from open_clip's BPE file, a saved tokenizer folder, or CLIP's
+merges.txt alone (the vocab follows from the merges)."""
 
 import gzip
 import json
@@ -23,13 +24,20 @@ def write_clip_vocab_from_bpe(bpe_gz_path, out_dir) -> tuple[Path, Path]:
     """Write vocab.json (49408 ids) and merges.txt as openai/clip-vit-large-patch14 ships them; return their paths."""
     lines = gzip.open(bpe_gz_path).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : N_MERGES + 1]]  # line 0 is a version header
+    return _write(clip_vocab(merges), merges, Path(out_dir))
+
+
+def clip_vocab(merges: list[tuple[str, ...]]) -> dict[str, int]:
+    """CLIP's token ids: the 256 byte characters, the same ending a word ("</w>"), one token per merge in merge
+    order, then BOS and EOS (open_clip SimpleTokenizer.__init__)."""
     byte_chars = list(bytes_to_unicode().values())
     tokens = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m) for m in merges] + [BOS, EOS]
-    return _write(dict(zip(tokens, range(len(tokens)))), merges, Path(out_dir))
+    return dict(zip(tokens, range(len(tokens))))
 
 
 def read_tokenizer_files(src_dir, out_dir) -> tuple[str, int | None]:
-    """Write vocab.json + merges.txt from a transformers 4 or 5 tokenizer folder; return (pad, model_max_length)."""
+    """Write vocab.json + merges.txt from a transformers 4 or 5 tokenizer folder, or from CLIP's merges.txt alone
+    (sdrt's copy of CLIP ViT-L/14's, sdrt.export.ldm_config.CLIP_L14_DIR); return (pad, model_max_length)."""
     src, out = Path(src_dir), Path(out_dir)
     if (src / "vocab.json").is_file() and (src / "merges.txt").is_file():  # transformers 4 layout
         out.mkdir(parents=True, exist_ok=True)
@@ -46,8 +54,12 @@ def read_tokenizer_files(src_dir, out_dir) -> tuple[str, int | None]:
         # tokenizers < 0.20 saves merges as "a b" strings, newer versions as [a, b] pairs
         merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
         _write(model["vocab"], merges, out)
+    elif (src / "merges.txt").is_file():  # CLIP's merges without their vocab: rebuilt, ids as CLIP's vocab.json
+        merges = _read_merges(src / "merges.txt")
+        _write(clip_vocab(merges), merges, out)
+        backend = {}
     else:
-        raise FileNotFoundError(f"{src}: expected vocab.json + merges.txt or tokenizer.json")
+        raise FileNotFoundError(f"{src}: expected vocab.json + merges.txt, tokenizer.json, or CLIP's merges.txt")
     return _pad_token(src, backend), _load_json(src / "tokenizer_config.json").get("model_max_length")
 
 
@@ -57,6 +69,14 @@ def _write(vocab: dict[str, int], merges: list[tuple[str, ...]], out: Path) -> t
     vocab_path.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     merges_path.write_text("\n".join([MERGES_HEADER, *(" ".join(m) for m in merges)]), encoding="utf-8")
     return vocab_path, merges_path
+
+
+def _read_merges(path: Path) -> list[tuple[str, ...]]:
+    lines = [line for line in path.read_text(encoding="utf-8").split("\n") if line]
+    merges = [tuple(line.split()) for line in lines if not line.startswith("#version")]
+    if len(merges) != N_MERGES:  # another BPE's vocab is not CLIP's layout: it needs its own vocab.json
+        raise ValueError(f"{path}: {len(merges)} merges where CLIP has {N_MERGES}; its vocab.json is needed")
+    return merges
 
 
 def _load_json(path: Path) -> dict:

@@ -15,7 +15,8 @@ V1_INFERENCE_YAML = CONFIGS / "v1-inference.yaml"
 # in `parameterization` only, so both build the same modules.
 V2_INFERENCE_YAML = CONFIGS / "v2-inference.yaml"
 V2_INFERENCE_V_YAML = CONFIGS / "v2-inference-v.yaml"
-# OpenAI CLIP ViT-L/14, the SD1 text encoder: its config.json, tokenizer_config.json, vocab.json and merges.txt.
+# OpenAI CLIP ViT-L/14, the SD1 text encoder: its config.json, tokenizer_config.json and merges.txt. Its vocab.json
+# (0.96 MB) is not shipped: the export rebuilds it from the merges (sdrt.export.clip_vocab.read_tokenizer_files).
 CLIP_L14_DIR = CONFIGS / "clip-vit-large-patch14"
 # OpenCLIP ViT-H/14, the SD2 text encoder, as diffusers stores it: 23 of its 24 layers (SD2 conditions on the
 # penultimate layer), gelu. Its tokenizer is CLIP's BPE (the files in CLIP_L14_DIR) padded with "!" (id 0).
