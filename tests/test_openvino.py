@@ -235,7 +235,7 @@ def test_compile_cache_is_filled_and_reused(ov_bundle, tmp_path, caplog):
             images.append(np.asarray(pipe.generate("x", seed=1, steps=1)[0].image))
         times.append(time.perf_counter() - start)
         if not times[1:]:
-            blobs = {b: b.stat().st_mtime_ns for b in (tmp_path / "cache").glob("*.blob")}
+            blobs = {b: b.stat().st_ino for b in (tmp_path / "cache").glob("*.blob")}  # a rewrite is a new inode
             caplog.clear()
     print(f"\ncold start + 1 step: {times[0]:.2f} s compiling, {times[1]:.2f} s from the cache ({len(blobs)} blobs)")
     assert len(blobs) == 3  # text encoder, UNet, VAE decoder at one shape each
@@ -243,7 +243,7 @@ def test_compile_cache_is_filled_and_reused(ov_bundle, tmp_path, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert sum(m.startswith("openvino: imported") for m in messages) == 3
     assert not any(m.startswith("openvino: compiled") for m in messages)
-    assert {b: b.stat().st_mtime_ns for b in (tmp_path / "cache").glob("*.blob")} == blobs
+    assert {b: b.stat().st_ino for b in (tmp_path / "cache").glob("*.blob")} == blobs
     np.testing.assert_array_equal(images[1], images[0])
 
 
@@ -272,6 +272,24 @@ def test_a_damaged_blob_is_compiled_again(ov_bundle, tmp_path, caplog):
     assert "cannot be imported" in caplog.text
     assert blob.stat().st_size == size  # compiled and written whole again
     np.testing.assert_array_equal(again, first)
+
+
+def test_the_cache_keeps_to_its_budget_dropping_the_least_recently_used(ov_bundle, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+
+    def compile_at(h, w):
+        time.sleep(0.05)  # distinct mtimes
+        run_unet(ov_bundle, unet_feeds(2, h, w), precision="f32", cache_dir=cache)
+        return {b.name: b.stat().st_size for b in cache.glob("*.blob")}
+
+    first = compile_at(8, 8)
+    monkeypatch.setenv("SDRT_OPENVINO_CACHE_GB", str(2.5 * sum(first.values()) / 2**30))  # room for two blobs
+    second = compile_at(8, 16)
+    assert len(second) == 2
+    assert compile_at(8, 8) == second  # a hit: nothing written, its blob marked as just used
+    third = compile_at(16, 8)
+    (new,) = set(third) - set(second)
+    assert set(third) == set(first) | {new}  # the 8x16 blob, least recently used, made room
 
 
 def test_names_that_differ_from_the_contract_fail_clearly(ov_bundle, tmp_path):
