@@ -29,6 +29,24 @@ def cache_home() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "sdrt"
 
 
+def write_atomically(path: Path, data) -> bool:
+    """Write `data` (bytes or a buffer) to `path` through a temporary sibling renamed into place, so readers see the
+    old file or the whole new one; False (logged, nothing left behind) when it cannot be written."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+        return True
+    except OSError as e:
+        log.warning("cannot write %s: %s", path, e)
+        if tmp:
+            Path(tmp).unlink(missing_ok=True)
+        return False
+
+
 def _signature(st: os.stat_result) -> list[int]:
     return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
 
@@ -64,14 +82,5 @@ class VerifiedFiles:
         if not self._changed:
             return
         entries = {p: e for p, e in self._entries.items() if os.path.exists(p)}
-        self._changed, tmp = False, None
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".verified-", dir=self.path.parent)
-            with os.fdopen(fd, "w") as f:
-                json.dump(entries, f)
-            os.replace(tmp, self.path)
-        except OSError as e:
-            log.debug("cannot save %s: %s", self.path, e)
-            if tmp:
-                Path(tmp).unlink(missing_ok=True)
+        self._changed = False
+        write_atomically(self.path, json.dumps(entries).encode())

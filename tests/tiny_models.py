@@ -54,19 +54,24 @@ def tiny_ldm_config() -> dict:
     return config
 
 
+def _tiny_unet(in_channels: int) -> UNet2DConditionModel:
+    """The tiny SD1 UNet (random: seed torch first), reading `in_channels` (4, or 9 for inpainting)."""
+    return UNet2DConditionModel(
+        sample_size=SAMPLE_SIZE, in_channels=in_channels, out_channels=LATENT_CHANNELS,
+        block_out_channels=tuple(UNET_CHANNELS * m for m in UNET_MULT), layers_per_block=UNET_LAYERS,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=CONTEXT_DIM, attention_head_dim=UNET_HEADS,
+    )
+
+
 def build_tiny_sd1(seed: int = 0) -> tuple[CLIPTextModel, UNet2DConditionModel, AutoencoderKL]:
     """Random tiny text encoder, UNet and VAE (attention in the full-resolution level only, as LDM's [1])."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         base = json.loads((CLIP_L14_DIR / "config.json").read_text())
         text_encoder = CLIPTextModel(CLIPTextConfig(**{**base, **TEXT_SIZES}))
-        unet = UNet2DConditionModel(
-            sample_size=SAMPLE_SIZE, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
-            block_out_channels=tuple(UNET_CHANNELS * m for m in UNET_MULT), layers_per_block=UNET_LAYERS,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=CONTEXT_DIM, attention_head_dim=UNET_HEADS,
-        )
+        unet = _tiny_unet(LATENT_CHANNELS)
         vae = _tiny_vae(SAMPLE_SIZE)
     return text_encoder.eval(), unet.eval(), vae.eval()
 
@@ -438,13 +443,7 @@ def save_tiny_sd1_inpaint(out: Path, seed: int = 0) -> Path:
     save_tiny_sd1(out, seed=seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed + 1)
-        unet = UNet2DConditionModel(
-            sample_size=SAMPLE_SIZE, in_channels=INPAINT_IN_CHANNELS, out_channels=LATENT_CHANNELS,
-            block_out_channels=tuple(UNET_CHANNELS * m for m in UNET_MULT), layers_per_block=UNET_LAYERS,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=CONTEXT_DIM, attention_head_dim=UNET_HEADS,
-        )
+        unet = _tiny_unet(INPAINT_IN_CHANNELS)
     shutil.rmtree(out / "unet")
     unet.eval().save_pretrained(out / "unet")
     index = json.loads((out / "model_index.json").read_text())

@@ -5,7 +5,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -16,7 +15,7 @@ import openvino as ov
 
 from sdrt.backends.base import check_names
 from sdrt.bundle import Component
-from sdrt.cache import cache_home
+from sdrt.cache import cache_home, write_atomically
 from sdrt.contracts import BATCH, Contract
 from sdrt.errors import BackendError
 
@@ -91,19 +90,13 @@ class BlobCache:
 
     def store(self, key: str, compiled: ov.CompiledModel) -> None:
         """Write the blob atomically (readers never see half a blob); a failure only costs the next start."""
-        tmp = None
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{key}-", dir=self.root)
-            with os.fdopen(fd, "wb") as f:
-                f.write(compiled.export_model().getbuffer())
-            os.replace(tmp, self.root / f"{key}.blob")
-        except (OSError, RuntimeError) as e:
-            log.warning("openvino: cannot write a compiled blob to %s: %s", self.root, e)
-            if tmp:
-                Path(tmp).unlink(missing_ok=True)
+            data = compiled.export_model().getbuffer()
+        except RuntimeError as e:
+            log.warning("openvino: cannot export the compiled model for the cache: %s", e)
             return
-        self.evict(keep=key)
+        if write_atomically(self.root / f"{key}.blob", data):
+            self.evict(keep=key)
 
     def evict(self, keep: str = "") -> None:
         """Delete least recently used blobs (never `keep`) until the folder is within max_bytes."""
