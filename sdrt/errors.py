@@ -13,7 +13,7 @@ class ContractError(SdrtError):
     """A tensor does not match a component's I/O contract."""
 
 
-class RequestError(SdrtError):
+class RequestError(SdrtError, ValueError):
     """A generation request has an invalid parameter (size, steps, sampler...)."""
 
 
@@ -23,3 +23,27 @@ class ExportError(SdrtError):
 
 class BackendError(SdrtError):
     """An engine is not installed or cannot run a bundle."""
+
+
+# Unicode categories a terminal may act on instead of showing: controls (ESC starts escape sequences, CR rewrites
+# the line), format characters (bidirectional overrides reorder what is shown, zero-width ones hide text),
+# surrogates (undecodable bytes from the command line) and line or paragraph separators.
+_UNPRINTABLE = frozenset({"Cc", "Cf", "Cs", "Zl", "Zp"})
+_SURROGATE_ESCAPES = range(0xDC80, 0xDD00)  # Python's surrogateescape: byte b became U+DC00 + b
+
+
+def printable(text: object) -> str:
+    """`text` with every character a terminal would act on written as a backslash escape (\\x1b, \\u202e)."""
+    import unicodedata
+
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(_escape(c) if unicodedata.category(c) in _UNPRINTABLE else c for c in text)
+
+
+def _escape(c: str) -> str:
+    code = ord(c)
+    if code in _SURROGATE_ESCAPES:
+        code -= 0xDC00  # show the undecodable byte itself
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"

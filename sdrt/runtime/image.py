@@ -1,13 +1,22 @@
-"""Decoded tensors -> PIL images, and PNG files carrying A1111's "parameters" text chunk."""
+"""Images in and out: input files checked before decoding, decoded tensors -> PIL images, and PNG files written
+atomically with A1111's "parameters" text chunk."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, PngImagePlugin
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
-from sdrt.errors import RequestError
+from sdrt.errors import RequestError, printable
+from sdrt.files import replacing
+
+# Input images (init image, mask) larger than this are refused from their header, before any pixel is decoded:
+# 64 Mpixel (8192 x 8192) is far past SD's sizes, and its decoded RGB float copies still fit in memory. Pillow's
+# own bomb guard (Image.MAX_IMAGE_PIXELS, 89 Mpixel) only warns below twice that.
+MAX_INPUT_PIXELS = 8192 * 8192
+# The formats input images may have: the common ones, each decoded by one well-worn Pillow plugin.
+INPUT_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
 
 
 def to_pil(decoded: np.ndarray) -> list[Image.Image]:
@@ -31,6 +40,33 @@ def infotext(prompt: str, negative_prompt: str, fields: dict[str, object]) -> st
     return "\n".join(lines)
 
 
+def check_image_size(image: Image.Image, what: str) -> None:
+    """Refuse an image over MAX_INPUT_PIXELS (its size is known from the header, before the pixels are decoded)."""
+    w, h = image.size
+    if w * h > MAX_INPUT_PIXELS:
+        raise RequestError(f"the {what} is {w}x{h} pixels; at most {MAX_INPUT_PIXELS // 2**20} Mpixel are accepted")
+
+
+def open_image(path: Path | str, what: str) -> Image.Image:
+    """The image file at `path`, decoded only once its header shows a size within MAX_INPUT_PIXELS; an unreadable
+    file, another format than INPUT_FORMATS or a decompression bomb is a one-line RequestError."""
+    try:
+        with Image.open(path, formats=INPUT_FORMATS) as image:
+            check_image_size(image, what)
+            image.load()
+            return image
+    except RequestError:
+        raise
+    except Image.DecompressionBombError:  # over twice Pillow's limit: refused by Pillow before our check
+        raise RequestError(f"the {what} {printable(path)} is over {MAX_INPUT_PIXELS // 2**20} Mpixel") from None
+    except UnidentifiedImageError:
+        raise RequestError(f"cannot read the {what} {printable(path)}: not a {', '.join(INPUT_FORMATS)} "
+                           "image") from None
+    except (OSError, SyntaxError, ValueError) as e:  # Pillow reports broken files as any of these
+        reason = printable(getattr(e, "strerror", None) or e)
+        raise RequestError(f"cannot read the {what} {printable(path)}: {reason}") from None
+
+
 def check_writable(path: Path) -> None:
     """Fail before any work when `path` cannot be written (missing folder, a directory, no permission)."""
     path = Path(path)
@@ -45,14 +81,17 @@ def check_writable(path: Path) -> None:
         raise RequestError(f"cannot write {path}: permission denied")
 
 
-def save_png(image: Image.Image, path: Path, parameters: str) -> Path:
-    """Write a PNG with the A1111 "parameters" chunk (tEXt, or iTXt when the text is not Latin-1)."""
+def save_png(image: Image.Image, path: Path, parameters: str | None = None) -> Path:
+    """Write a PNG atomically (sdrt.files.replacing), with the A1111 "parameters" chunk when given (tEXt, or iTXt
+    when the text is not Latin-1)."""
     info = PngImagePlugin.PngInfo()
-    info.add_text("parameters", parameters)
+    if parameters is not None:
+        info.add_text("parameters", parameters)
     try:
-        image.save(path, pnginfo=info)
+        with replacing(path) as f:
+            image.save(f, format="PNG", pnginfo=info)
     except OSError as e:
-        raise RequestError(f"cannot write {path}: {e.strerror or e}") from None
+        raise RequestError(f"cannot write {printable(path)}: {e.strerror or e}") from None
     return Path(path)
 
 

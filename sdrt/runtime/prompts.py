@@ -13,9 +13,17 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from sdrt.errors import RequestError, printable
 from sdrt.runtime.tokenizer import ClipTokenizer
 
 EncodeFn = Callable[[np.ndarray], np.ndarray]
+
+# Bounds on one prompt, so that its cost stays in proportion to its tokens. A1111 sets none; these are far above
+# what its users write (a long A1111 prompt is 3-6 chunks). Characters are checked before parsing: the attention
+# parser is quadratic in bracket depth, as A1111's is, and at 20,000 characters its worst case takes 0.5 s.
+# Chunks bound the text-encoder batch and the UNet's cross-attention length (77 per chunk).
+MAX_PROMPT_CHARS = 20_000
+MAX_CHUNKS = 32  # 2,400 tokens
 
 ROUND_MULTIPLIER = 1.1  # "(word)"; A1111 round_bracket_multiplier
 SQUARE_MULTIPLIER = 1 / 1.1  # "[word]"; A1111 square_bracket_multiplier
@@ -68,7 +76,22 @@ def _weight(number: str, prompt: str) -> float:
     try:
         return float(number)
     except ValueError:
-        raise ValueError(f"attention weight {number!r} in prompt {prompt!r} is not a number") from None
+        raise RequestError(f"attention weight {number!r} in prompt {printable(repr(prompt[:80]))} is not a number") \
+            from None
+
+
+def check_prompt(what: str, text: object) -> None:
+    """Refuse a prompt that is not a string, longer than MAX_PROMPT_CHARS, or not Unicode text (the undecodable
+    bytes of a command line that was not UTF-8)."""
+    if not isinstance(text, str):
+        raise RequestError(f"{what} must be a string, got {type(text).__name__}")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise RequestError(f"{what} is {len(text)} characters long; at most {MAX_PROMPT_CHARS} are accepted")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"{what} is not valid UTF-8 text: {printable(text[e.start])} at character {e.start}") \
+            from None
 
 
 def _merge_equal_weights(res: list[list]) -> list[tuple[str, float]]:
@@ -146,6 +169,9 @@ class _ChunkBuilder:
                 and len(self.tokens) - self.last_comma <= self.comma_backtrack)
 
     def next_chunk(self) -> None:
+        if len(self.chunks) == MAX_CHUNKS:
+            raise RequestError(f"prompt is over {MAX_CHUNKS} chunks of {self.size} tokens "
+                               f"({MAX_CHUNKS * self.size} tokens); shorten it")
         padding = [1.0] * (self.size + 1 - len(self.tokens))
         self.chunks.append((self._ids(self.tokens), [1.0] + self.multipliers + padding))
         self.tokens, self.multipliers, self.last_comma = [], [], -1

@@ -8,14 +8,17 @@ from dataclasses import dataclass, replace
 from PIL import Image
 
 from sdrt.bundle import Manifest
-from sdrt.errors import RequestError
+from sdrt.errors import RequestError, printable
+from sdrt.runtime.image import check_image_size
 from sdrt.runtime.img2img import INPAINT_CHANNELS, extra_unet_channels, rgb
 from sdrt.runtime.noise import SEED_MODES
 from sdrt.runtime.presets import preset_for, scheduler_config
+from sdrt.runtime.prompts import check_prompt
 from sdrt.runtime.samplers import make_schedule, resolve_sampler
 from sdrt.runtime.schedules import SchedulerConfig
 
 MAX_STEPS = 1000
+MAX_NAME = 64  # sampler, schedule and kind names: sampler labels with a schedule type are under 30 characters
 MAX_SEED = 2**64  # torch.Generator.manual_seed accepts 64-bit seeds
 DEFAULT_STRENGTH = 0.75  # A1111's "Denoising strength" and StableDiffusionImg2ImgPipeline's default
 
@@ -51,6 +54,7 @@ class GenerationRequest:
 
     def resolve(self, manifest: Manifest) -> GenerationRequest:
         """Fill defaults from the bundle and check every field, raising RequestError with a one-line reason."""
+        self._check_fields()
         try:
             preset = preset_for(manifest, self.kind)
         except ValueError as e:
@@ -73,20 +77,43 @@ class GenerationRequest:
     def _images(self, size: int) -> dict:
         """Size (default: the init image's, else the model's), init image as RGB, mask as L, default strength."""
         if self.init_image is None:
-            return {"width": self.width or size, "height": self.height or size}
+            return {"width": _given(self.width, size), "height": _given(self.height, size)}
         for what, value in (("init image", self.init_image), ("mask", self.mask)):
             if value is not None and not isinstance(value, Image.Image):
                 raise RequestError(f"{what} must be a PIL image, got {type(value).__name__}")
+            if value is not None:
+                check_image_size(value, what)  # before converting: the size is known, the pixels may not be yet
         image = rgb(self.init_image)
         return {
             "init_image": image, "mask": None if self.mask is None else self.mask.convert("L"),
             "strength": DEFAULT_STRENGTH if self.strength is None else self.strength,
-            "width": self.width or image.width, "height": self.height or image.height,
+            "width": _given(self.width, image.width), "height": _given(self.height, image.height),
         }
 
+    def _check_fields(self) -> None:
+        """Types and ranges that need no bundle, checked before anything is computed from the request."""
+        check_prompt("prompt", self.prompt)
+        check_prompt("negative prompt", self.negative_prompt)
+        for what, value in (("sampler", self.sampler), ("schedule", self.schedule), ("kind", self.kind)):
+            if value is not None and (not isinstance(value, str) or len(value) > MAX_NAME):
+                raise RequestError(f"{what} must be a name of at most {MAX_NAME} characters, got "
+                                   f"{printable(repr(value))[:80]}")
+        for what, value in (("fast decode", self.fast_decode), ("safety checker", self.safety_checker),
+                            ("watermark", self.watermark), ("inpaint full res", self.inpaint_full_res)):
+            if not isinstance(value, bool):
+                raise RequestError(f"{what} must be true or false, got {value!r}")
+        for what, value in (("width", self.width), ("height", self.height), ("steps", self.steps),
+                            ("seed", self.seed), ("batch size", self.batch_size), ("mask blur", self.mask_blur),
+                            ("padding", self.inpaint_full_res_padding)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise RequestError(f"{what} must be an integer, got {value!r}")
+        for what, value in (("guidance scale", self.guidance_scale), ("eta", self.eta),
+                            ("guidance rescale", self.guidance_rescale), ("strength", self.strength)):
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                      or not math.isfinite(value)):
+                raise RequestError(f"{what} must be a finite number, got {value!r}")
+
     def _check(self, manifest: Manifest) -> None:
-        if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
-            raise RequestError("prompt and negative prompt must be strings")
         _check_size(manifest, "width", self.width)
         _check_size(manifest, "height", self.height)
         if not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
@@ -104,6 +131,10 @@ class GenerationRequest:
             raise RequestError(f"eta must be within [0, 1], got {self.eta!r}")
         if not 0.0 <= self.guidance_rescale <= 1.0:
             raise RequestError(f"guidance rescale must be within [0, 1], got {self.guidance_rescale!r}")
+        limit = manifest.shapes.max_size  # a blur or padding wider than the largest image means nothing
+        for what, value in (("mask blur", self.mask_blur), ("padding", self.inpaint_full_res_padding)):
+            if not 0 <= value <= limit:
+                raise RequestError(f"{what} must be an integer from 0 to {limit}, got {value!r}")
         if self.fast_decode and "taesd_decoder" not in manifest.components:
             raise RequestError("fast decode needs a bundle with a tiny decoder (sdrt export --taesd FOLDER)")
         self._check_images(manifest)
@@ -140,9 +171,11 @@ class GenerationRequest:
             w, h = self.init_image.size
             mw, mh = self.mask.size
             raise RequestError(f"mask: expected {w}x{h} (the init image's size), got {mw}x{mh}")
-        for what, value in (("mask blur", self.mask_blur), ("padding", self.inpaint_full_res_padding)):
-            if not isinstance(value, int) or value < 0:
-                raise RequestError(f"{what} must be an integer >= 0, got {value!r}")
+
+
+def _given(value: int | None, default: int) -> int:
+    """The request's own value when it has one: 0 is refused by the size check, not replaced by the default."""
+    return default if value is None else value
 
 
 def _check_size(manifest: Manifest, what: str, value: object) -> None:
