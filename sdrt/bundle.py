@@ -5,20 +5,19 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
-from dataclasses import asdict, dataclass, field
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
+from sdrt.bundle_files import check_opened, check_tree, inside, opened_files
 from sdrt.contracts import Contract
-from sdrt.errors import BundleError
+from sdrt.errors import BundleError, printable
+from sdrt.manifest_schema import FORMAT, FORMAT_VERSION, check_manifest, load_document, validate
+from sdrt.staging import MANIFEST, check_destination, staging_folder, swap_into_place
 
 log = logging.getLogger(__name__)
 
-FORMAT = "sdrt-bundle"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
 _HASH_CHUNK = 1 << 22
 
 
@@ -72,11 +71,15 @@ class Component:
     # How the file stores its large weights: "fp32", or "fp16" cast back to fp32 by the graph (sdrt.export.
     # fp16_storage). `precision` is what the graph computes in; written only when not "fp32", as old bundles lack it.
     weights_storage: str = "fp32"
+    # Every file an engine opens for this component, `file` first (an IR's .bin, ONNX external data); recorded by
+    # BundleWriter.commit. Empty in bundles written before it: then derived from the files (sdrt.bundle_files).
+    files: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         storage = {"weights_storage": self.weights_storage} if self.weights_storage != "fp32" else {}
         d = {
             "file": self.file,
+            **({"files": list(self.files)} if self.files else {}),
             "format": self.format,
             "precision": self.precision,
             **storage,
@@ -96,6 +99,7 @@ class Component:
             d.get("validation", {}),
             d.get("preprocess", {}),
             d.get("weights_storage", "fp32"),
+            tuple(d.get("files", ())),
         )
 
 
@@ -128,26 +132,22 @@ class Manifest:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> Manifest:
-        if d.get("format") != FORMAT:
-            raise BundleError(f"not an sdrt bundle manifest (format={d.get('format')!r})")
-        version = d.get("format_version")
-        if version != FORMAT_VERSION:
-            raise BundleError(f"bundle format version {version} is not supported (this sdrt reads {FORMAT_VERSION})")
-        try:
-            return cls(
-                model=ModelInfo(**d["model"]),
-                components={k: Component.from_dict(k, c) for k, c in d["components"].items()},
-                scheduler=d["scheduler"],
-                tokenizer=TokenizerInfo(**d.get("tokenizer", {})),
-                shapes=ShapeRange(**d.get("shapes", {})),
-                source=d.get("source", {}),
-                tools=d.get("tools", {}),
-                files=d.get("files", {}),
-                format_version=version,
-            )
-        except (KeyError, TypeError) as e:
-            raise BundleError(f"manifest.json is malformed: {e}") from None
+    def from_dict(cls, d: object) -> Manifest:
+        """Build from a manifest.json document after checking it (sdrt.manifest_schema): garbage is one BundleError."""
+        d = validate(d)
+        manifest = cls(
+            model=ModelInfo(**d["model"]),
+            components={k: Component.from_dict(k, c) for k, c in d["components"].items()},
+            scheduler=d["scheduler"],
+            tokenizer=TokenizerInfo(**d.get("tokenizer", {})),
+            shapes=ShapeRange(**d.get("shapes", {})),
+            source=d.get("source", {}),
+            tools=d.get("tools", {}),
+            files=d["files"],
+            format_version=d["format_version"],
+        )
+        check_manifest(manifest)
+        return manifest
 
 
 def sha256_file(path: Path) -> str:
@@ -166,17 +166,20 @@ def _bundle_files(root: Path) -> Iterator[Path]:
 
 
 def read_manifest(bundle: Path | str) -> Manifest:
-    """Parse a bundle's manifest.json, with a clear error when it is missing or malformed."""
-    path = Path(bundle) / MANIFEST
-    if not Path(bundle).is_dir():
-        raise BundleError(f"bundle not found: {bundle} is not a folder")
-    if not path.is_file():
-        raise BundleError(f"{bundle} has no {MANIFEST}: not an sdrt bundle, or an interrupted export")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BundleError(f"{path} is not valid JSON: {e}") from None
-    return Manifest.from_dict(data)
+    """Parse and check a bundle's manifest.json and the folder's layout (sdrt.bundle_files), with one-line errors.
+
+    Nothing outside the folder is read, and no file a component's engine would open is left out of the manifest;
+    the files' checksums are checked by `verify_files`.
+    """
+    root = Path(bundle)
+    if not root.is_dir():
+        raise BundleError(f"bundle not found: {printable(bundle)} is not a folder")
+    if not os.path.lexists(root / MANIFEST):
+        raise BundleError(f"{printable(bundle)} has no {MANIFEST}: not an sdrt bundle, or an interrupted export")
+    check_tree(root)  # refuses a manifest.json that is a link too
+    manifest = Manifest.from_dict(load_document(root / MANIFEST))
+    check_opened(root, manifest)
+    return manifest
 
 
 def verify_files(bundle: Path | str, manifest: Manifest, *, remembered: bool = True) -> None:
@@ -189,16 +192,17 @@ def verify_files(bundle: Path | str, manifest: Manifest, *, remembered: bool = T
     root = Path(bundle)
     for comp in manifest.components.values():
         if comp.file not in manifest.files:
-            raise BundleError(f"component {comp.name}'s file {comp.file} has no checksum in the manifest")
+            raise BundleError(f"component {comp.name}'s file {printable(comp.file)} has no checksum in the manifest")
     verified = VerifiedFiles() if remembered else None
     for rel, digest in manifest.files.items():
-        path = root / rel
+        path = inside(root, rel)
         if not path.is_file():
-            raise BundleError(f"bundle {root} is missing {rel}")
+            raise BundleError(f"bundle {printable(root)} is missing {printable(rel)}")
         if verified and verified.known(path, digest):
             continue
         if sha256_file(path) != digest:
-            raise BundleError(f"checksum mismatch for {rel} in {root}: the file was modified or corrupted")
+            raise BundleError(f"checksum mismatch for {printable(rel)} in {printable(root)}: the file was modified "
+                              "or corrupted")
         if verified:
             verified.record(path, digest)
     if verified:
@@ -206,34 +210,31 @@ def verify_files(bundle: Path | str, manifest: Manifest, *, remembered: bool = T
 
 
 class BundleWriter:
-    """Stage a bundle in a hidden sibling folder; `commit` hashes, writes the manifest and renames into place."""
+    """Stage a bundle in a hidden sibling folder (sdrt.staging); `commit` hashes, writes the manifest and moves it
+    into place. `overwrite` replaces only an sdrt bundle or an empty folder (sdrt.staging.check_destination)."""
 
     def __init__(self, out: Path | str, overwrite: bool = False):
-        self.out = Path(out).absolute()
-        if self.out.exists() and not overwrite:
-            raise BundleError(f"{self.out} already exists (pass overwrite to replace it)")
+        self.out, self.overwrite = Path(out).absolute(), overwrite
+        check_destination(self.out, overwrite)
         self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+        self._staging = ExitStack()
+        self.path = self._staging.enter_context(staging_folder(self.out))
 
     def __enter__(self) -> BundleWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self.path.exists():  # not committed: leave nothing that looks like a bundle
-            shutil.rmtree(self.path, ignore_errors=True)
+        self._staging.close()  # not committed: the staging folder goes, leaving nothing that looks like a bundle
 
     def commit(self, manifest: Manifest) -> Manifest:
-        """Record the sha256 of every staged file, write manifest.json, and move the folder into place."""
+        """Record what each component opens and the sha256 of every staged file, write manifest.json, and move the
+        folder into place (checking the destination again: a long export gives a user time to put files there)."""
+        components = {k: replace(c, files=tuple(opened_files(self.path, c))) for k, c in manifest.components.items()}
         files = {p.relative_to(self.path).as_posix(): sha256_file(p) for p in _bundle_files(self.path)}
-        final = Manifest(**{**manifest.__dict__, "files": files})
+        final = replace(manifest, components=components, files=files)
         (self.path / MANIFEST).write_text(json.dumps(final.to_dict(), indent=2) + "\n")
         os.chmod(self.path, 0o755)  # mkdtemp creates 0700
-        if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.old-{os.getpid()}")
-            self.out.rename(old)
-            self.path.rename(self.out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            self.path.rename(self.out)
+        check_destination(self.out, self.overwrite)
+        swap_into_place(self.path, self.out)
         log.info("bundle written to %s (%d files)", self.out, len(files))
         return final

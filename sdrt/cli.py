@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from sdrt import __version__
-from sdrt.errors import SdrtError
+from sdrt.errors import SdrtError, printable
 
 EXIT_USAGE = 2  # bad input: argparse's own convention, reused for every SdrtError
 
@@ -45,7 +47,7 @@ def _add_generate(sub) -> None:
                    "the device's own, bf16 on CPUs with AVX512-BF16 or AMX)")
     p.add_argument("--hint", choices=["latency", "throughput"], help="openvino: performance hint (default latency)")
     p.add_argument("--fast-decode", action="store_true", help="decode with the bundle's tiny decoder (TAESD)")
-    p.add_argument("--preview-every", type=int, metavar="N", help="write OUTPUT.preview.png every N steps (TAESD "
+    p.add_argument("--preview-every", type=_positive, metavar="N", help="write OUTPUT.preview.png every N steps (TAESD "
                    "when the bundle has it, else a latent-to-RGB map at 1/8 size)")
     p.add_argument("--no-safety-checker", dest="safety_checker", action="store_false",
                    help="do not run the bundle's safety checker (it runs by default when the bundle has one)")
@@ -73,17 +75,18 @@ def _add_img2img_options(p) -> None:
 
 
 def _open_image(path: Path | None, what: str):
-    """The image at `path` (None: none), fully read; unreadable files are one-line errors."""
-    from PIL import Image, UnidentifiedImageError
+    """The image at `path` (None: none), size-checked from its header, then decoded (sdrt.runtime.image)."""
+    from sdrt.runtime.image import open_image
 
-    if path is None:
-        return None
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image
-    except (OSError, UnidentifiedImageError) as e:
-        raise SdrtError(f"cannot read the {what} {path}: {getattr(e, 'strerror', None) or e}") from None
+    return None if path is None else open_image(path, what)
+
+
+def _positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
 
 
 def _add_export(sub) -> None:
@@ -177,21 +180,24 @@ def _generate(args) -> int:
         steps = tqdm(pipe.denoise(req), total=total, unit="step", disable=args.quiet, desc=sampler_label(req.sampler))
         for last in steps:
             if args.preview_every and last.index % args.preview_every == 0 and last.index < last.total:
-                pipe.preview(last)[0].save(args.output.with_suffix(".preview.png"))
+                save_png(pipe.preview(last)[0], args.output.with_suffix(".preview.png"))
         for out, path in zip(pipe.finish(req, pipe.decode(last.vp_latents(), fast=req.fast_decode)), paths):
             save_png(out.image, path, out.parameters)
             flagged = ": flagged by the safety checker, blacked out" if out.nsfw else ""
-            print(f"{path} (seed {out.seed}){flagged}")
+            print(f"{printable(path)} (seed {out.seed}){flagged}")
     return 0
 
 
 def _export(args) -> int:
+    from sdrt.staging import check_destination
+
     try:
         from sdrt.export import export_bundle
     except ImportError as e:
         raise SdrtError(f"export needs the export extra ({e.name} is missing): pip install 'sdrt[export]'") from None
     if args.target == "onnx" and (args.weights != "fp32" or args.quantize_unet or args.psnr_gate is not None):
         raise SdrtError("--weights, --quantize-unet and --psnr-gate apply to --target openvino; ONNX bundles are fp32")
+    check_destination(args.output, args.overwrite, "--overwrite")  # before the slow work, naming the flag as typed
     options = dict(original_config=args.original_config, prediction_type=args.prediction_type, opset=args.opset,
                    taesd=args.taesd, safety_checker=not args.no_safety_checker, weights_storage=args.weights_storage)
     if args.target == "onnx":
@@ -203,21 +209,21 @@ def _export(args) -> int:
 
 
 def _export_via_onnx(args, options: dict):
-    """Export ONNX into a hidden folder beside the output (same disk, no /tmp size surprises), then convert it."""
-    import tempfile
-
+    """Export ONNX into a hidden staging folder beside the output (same disk, no /tmp size surprises; removed
+    however the export stops), then convert it."""
     from sdrt.export import export_bundle
+    from sdrt.staging import staging_folder
 
-    if args.output.exists() and not args.overwrite:  # fail before the slow export, not after it
-        raise SdrtError(f"{args.output} already exists (pass --overwrite to replace it)")
-    parent = args.output.absolute().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{args.output.name}.onnx-", dir=parent) as tmp:
-        export_bundle(args.source, Path(tmp) / "onnx", **options)
-        return _convert_bundle(Path(tmp) / "onnx", args)
+    args.output.absolute().parent.mkdir(parents=True, exist_ok=True)
+    with staging_folder(args.output, "onnx-") as tmp:
+        export_bundle(args.source, tmp / "onnx", **options)
+        return _convert_bundle(tmp / "onnx", args)
 
 
 def _convert(args) -> int:
+    from sdrt.staging import check_destination
+
+    check_destination(args.output, args.overwrite, "--overwrite")
     _print_bundle(args.output, _convert_bundle(args.bundle, args))
     return 0
 
@@ -236,7 +242,7 @@ def _convert_bundle(src: Path, args):
 
 
 def _print_bundle(output: Path, manifest) -> None:
-    print(f"{output}: {len(manifest.components)} components, {len(manifest.files)} files")
+    print(f"{printable(output)}: {len(manifest.components)} components, {len(manifest.files)} files")
     for comp in manifest.components.values():
         v = comp.validation
         print(f"  {comp.name}: {comp.format} {comp.precision}{_storage_text(comp)}, export max abs error "
@@ -271,7 +277,7 @@ def _info(args) -> int:
 
 
 def describe(root: Path, manifest) -> str:
-    """The manifest in human form."""
+    """The manifest in human form, every line terminal-safe (a bundle's strings may hold escape sequences)."""
     m, s = manifest.model, manifest.shapes
     size = sum((Path(root) / f).stat().st_size for f in manifest.files if (Path(root) / f).is_file())
     lines = [
@@ -297,7 +303,7 @@ def describe(root: Path, manifest) -> str:
         for kind, specs in (("in ", c.contract.inputs), ("out", c.contract.outputs)):
             for t in specs:
                 lines.append(f"      {kind} {t.name}: {t.dtype} {list(t.shape)}")
-    return "\n".join(lines)
+    return "\n".join(printable(line) for line in lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -306,10 +312,12 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO if args.command == "export" else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         return args.run(args)
     except SdrtError as e:
-        print(f"sdrt: error: {e}", file=sys.stderr)
+        print(f"sdrt: error: {printable(e)}", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # `sdrt info | head`: the reader left; nothing more to say
         sys.stdout = None
@@ -317,3 +325,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sdrt: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _terminate(signum, frame) -> None:
+    # SIGTERM (a service manager, `kill`) unwinds like Ctrl-C does: `with` blocks remove staging folders and
+    # temporary files on the way out.
+    raise SystemExit(128 + signum)

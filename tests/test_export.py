@@ -202,6 +202,7 @@ def test_bundle_from_single_file_with_forced_external_data(tmp_path, monkeypatch
     verify_files(out, manifest)
     for name in ("text_encoder", "unet", "vae_decoder", "vae_encoder"):
         assert f"{name}/model.onnx.data" in manifest.files
+        assert manifest.components[name].files == (f"{name}/model.onnx", f"{name}/model.onnx.data")
         validation = manifest.components[name].validation
         assert validation["max_abs_error"] <= validation["tolerance"]
     assert manifest.source == {"path": str(path), "kind": "single_file", "sha256": sha256_file(path)}

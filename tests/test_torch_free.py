@@ -1,4 +1,4 @@
-"""The runtime never imports torch, diffusers or transformers: generation runs with those imports blocked."""
+"""The runtime never imports torch, diffusers, transformers or onnx: generation runs with those imports blocked."""
 from __future__ import annotations
 
 import subprocess
@@ -7,7 +7,8 @@ import textwrap
 
 from PIL import Image
 
-BLOCKED = ("torch", "diffusers", "transformers", "optimum", "open_clip")
+# onnx too: the runtime finds an ONNX file's external data with its own reader (sdrt.onnx_refs).
+BLOCKED = ("torch", "diffusers", "transformers", "optimum", "open_clip", "onnx")
 
 # Runs in a fresh interpreter: an import hook makes every blocked import fail, then the CLI generates.
 SCRIPT = textwrap.dedent(

@@ -92,7 +92,11 @@ def convert_bundle(
     if quantize_unet and weights != "int8":
         raise ExportError("quantize_unet needs weights='int8'")
     gate = MIN_PSNR_DB[weights] if psnr_gate is None else psnr_gate
+    if isinstance(gate, bool) or not isinstance(gate, (int, float)) or not 0 <= gate < math.inf:
+        raise ExportError(f"psnr_gate must be a finite number of dB >= 0, got {psnr_gate!r}")
     src = Path(src)
+    if Path(out).resolve() == src.resolve():  # the bundle being read would be replaced under the conversion
+        raise ExportError(f"the output {out} is the source bundle: write the conversion elsewhere")
     source = read_manifest(src)
     verify_files(src, source)
     _check_onnx(src, source)

@@ -1,0 +1,103 @@
+"""Which files a bundle's engines open, and the rules every file of a bundle obeys before any is opened.
+
+A bundle is a folder of regular files: no symbolic links anywhere (a link could make an engine, or a checksum,
+read a file outside the folder), every path relative and inside it (sdrt.manifest_schema.PATH), and every file
+an engine or the tokenizer opens listed in the manifest with its sha256. What an engine opens besides a
+component's own file is read from the files themselves (an ONNX model's external data, an OpenVINO IR's .bin),
+never taken on the manifest's word.
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+import stat
+from pathlib import Path
+from typing import Callable
+
+from sdrt.errors import BundleError, printable
+from sdrt.manifest_schema import MAX_FILES, is_bundle_path
+from sdrt.onnx_refs import external_data_files
+
+
+def check_tree(root: Path) -> None:
+    """Refuse a bundle folder holding a symbolic link or anything else that is not a regular file or folder."""
+    seen, folders = 0, [Path(root)]
+    while folders:
+        folder = folders.pop()
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                seen += 1
+                if seen > 4 * MAX_FILES:
+                    raise BundleError(f"{printable(root)} holds over {4 * MAX_FILES} entries: not a bundle")
+                mode = entry.stat(follow_symlinks=False).st_mode
+                if stat.S_ISDIR(mode):
+                    folders.append(Path(entry.path))
+                elif not stat.S_ISREG(mode):
+                    raise BundleError(_not_regular(root, Path(entry.path), mode))
+
+
+def _not_regular(root: Path, path: Path, mode: int) -> str:
+    what = "a symbolic link" if stat.S_ISLNK(mode) else "a special file"
+    rel = printable(path.relative_to(root).as_posix())
+    return f"bundle {printable(root)} holds {what}, {rel}: a bundle may hold only regular files and folders"
+
+
+def _ir_weights(root: Path, rel: str) -> list[str]:
+    """OpenVINO's read_model opens the .bin named as the .xml when it exists."""
+    weights = posixpath.splitext(rel)[0] + ".bin"
+    return [weights] if (root / weights).is_file() else []
+
+
+def _onnx_external_data(root: Path, rel: str) -> list[str]:
+    """ONNX Runtime and OpenVINO open each external-data location relative to the model's folder."""
+    files = []
+    for location in external_data_files(root / rel):
+        if not is_bundle_path(location):
+            raise BundleError(f"{printable(rel)} names external data {printable(repr(location))[:80]}: expected a "
+                              "relative path inside the bundle without '..' (sdrt.manifest_schema.PATH)")
+        files.append(posixpath.join(posixpath.dirname(rel), location))
+    return files
+
+
+# Per component format: the file name ending its engines expect, and the other files they open.
+SUFFIXES = {"onnx": ".onnx", "openvino": ".xml"}
+COMPANIONS: dict[str, Callable[[Path, str], list[str]]] = {"onnx": _onnx_external_data, "openvino": _ir_weights}
+
+
+def opened_files(root: Path, component) -> list[str]:
+    """Every file an engine opens for `component`: its `file`, then what that file makes the engine read."""
+    rel = component.file
+    suffix = SUFFIXES.get(component.format)
+    if suffix and not rel.endswith(suffix):
+        raise BundleError(f"component {component.name}: a {component.format} file must end in {suffix}, got "
+                          f"{printable(rel)}")
+    if not (Path(root) / rel).is_file():
+        raise BundleError(f"bundle {printable(root)} is missing {printable(rel)}")
+    companions = COMPANIONS.get(component.format)
+    return [rel, *(companions(Path(root), rel) if companions else [])]
+
+
+def check_opened(root: Path, manifest) -> None:
+    """Refuse a bundle whose engines or tokenizer would open a file its manifest does not list with a sha256."""
+    for rel in (manifest.tokenizer.vocab, manifest.tokenizer.merges):
+        if rel not in manifest.files:
+            raise BundleError(f"the tokenizer's {printable(rel)} has no checksum in the manifest")
+    for comp in manifest.components.values():
+        opened = opened_files(root, comp)
+        declared = comp.files or tuple(opened)
+        unlisted = [rel for rel in opened if rel not in declared]
+        if unlisted:
+            raise BundleError(f"component {comp.name} would open {printable(unlisted[0])}, which its manifest "
+                              "entry does not list")
+        for rel in declared:
+            if rel not in manifest.files:
+                raise BundleError(f"component {comp.name}'s file {printable(rel)} has no checksum in the manifest")
+
+
+def inside(root: Path, rel: str) -> Path:
+    """`root / rel`, refusing a path that resolves outside `root` (a last guard: the rules above exclude it)."""
+    base = Path(root).resolve()
+    path = (base / rel).resolve()
+    if base not in path.parents:
+        raise BundleError(f"{printable(rel)} resolves outside the bundle {printable(root)}")
+    return path
