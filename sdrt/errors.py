@@ -23,3 +23,7 @@ class ExportError(SdrtError):
 
 class BackendError(SdrtError):
     """An engine is not installed or cannot run a bundle."""
+
+
+class ConfigError(SdrtError):
+    """A setting from the environment (cache sizes, folders) is invalid."""
