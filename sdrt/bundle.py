@@ -218,13 +218,18 @@ def verify_files(bundle: Path | str, manifest: Manifest, *, remembered: bool = T
         verified.save()
 
 
+def check_destination(out: Path, overwrite: bool) -> None:
+    """Fail before any work when a bundle may not be written at `out`."""
+    if out.exists() and not overwrite:
+        raise BundleError(f"{out} already exists (pass --overwrite to replace it)")
+
+
 class BundleWriter:
     """Stage a bundle in a hidden sibling folder; `commit` hashes, writes the manifest and renames into place."""
 
     def __init__(self, out: Path | str, overwrite: bool = False):
         self.out = Path(out).absolute()
-        if self.out.exists() and not overwrite:
-            raise BundleError(f"{self.out} already exists (pass overwrite to replace it)")
+        check_destination(self.out, overwrite)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.path = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
 

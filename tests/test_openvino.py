@@ -414,7 +414,7 @@ def test_cli_errors(ov_bundle, tiny_sd1_bundle, tmp_path, capsys):
                  "--precision", "bf16", "-q"]) == 2
     assert "backend 'onnxruntime' has no option precision" in capsys.readouterr().err
     assert main(["export", str(tiny_sd1_bundle), "-o", str(tmp_path / "x"), "--weights", "int8"]) == 2
-    assert "apply to --target openvino" in capsys.readouterr().err
+    assert "--weights applies to --target openvino, not onnx" in capsys.readouterr().err
     assert main(["convert", str(tiny_sd1_bundle), "-o", str(tmp_path / "x"), "--quantize-unet"]) == 2
     assert "quantize_unet needs weights='int8'" in capsys.readouterr().err
 
