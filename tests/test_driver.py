@@ -126,5 +126,14 @@ def test_a_callback_returning_true_stops(sdrt_pipe):
     assert calls == [1]
 
 
+def test_a_generated_image_saves_with_its_parameters(sdrt_pipe, tmp_path):
+    from sdrt.runtime.outputs import read_parameters
+
+    out = sdrt_pipe.generate("a red circle", seed=4, **FAST)[0]
+    for name in ("a.png", "a.jpg"):
+        path = out.save(tmp_path / name)
+        assert read_parameters(path) == out.parameters
+
+
 def test_request_errors_are_value_errors():
     assert issubclass(RequestError, ValueError)

@@ -12,16 +12,24 @@ EXAMPLES = """examples:
 """
 
 
+from sdrt.runtime.resize import RESIZE_MODES
+
+
 def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     from sdrt.runtime.presets import KINDS
     from sdrt.runtime.samplers import SAMPLERS
 
     p = sub.add_parser("generate", parents=[common], help="generate images from a prompt (no torch needed)",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("prompt")
+    p.add_argument("prompt", nargs="?", help="the prompt (A1111 syntax: (word:1.2), [word], BREAK)")
+    p.add_argument("--from-file", type=Path, metavar="FILE", help="one prompt per line (blank lines skipped), "
+                   "all with the same options; the model is loaded once")
     p.add_argument("-b", "--bundle", type=Path, help="bundle folder (default: the model shipped with sdrt)")
-    p.add_argument("-o", "--output", type=Path, default=Path("out.png"), help="PNG; several images write "
-                   "NAME-0.png, NAME-1.png...")
+    p.add_argument("-o", "--output", type=Path, help=".png, .jpg or .webp (parameters stored where A1111 stores "
+                   "them); several images write NAME-0, NAME-1... Default: numbered files in --outdir")
+    p.add_argument("--outdir", type=Path, help="folder for auto-numbered images NNNNN-SEED.png that never "
+                   "overwrite an earlier one (default: outputs/txt2img-images or outputs/img2img-images)")
+    p.add_argument("--format", choices=["png", "jpg", "webp"], default="png", help="file type in --outdir")
     p.add_argument("-n", "--negative-prompt", default="")
     p.add_argument("--steps", type=int, help="default: the model kind's (25; LCM 4, turbo 1)")
     p.add_argument("--cfg-scale", "--guidance-scale", dest="guidance_scale", type=float,
@@ -61,6 +69,7 @@ def _add_engine_options(p) -> None:
     g.add_argument("--precision", choices=["auto", "bf16", "f32"], help="openvino: compute precision (default auto: "
                    "the device's own, bf16 on CPUs with AVX512-BF16 or AMX)")
     g.add_argument("--hint", choices=["latency", "throughput"], help="openvino: performance hint (default latency)")
+    g.add_argument("--threads", type=int, metavar="N", help="CPU threads for the engine (default: one per core)")
     g.add_argument("--no-cache", dest="cache", action="store_false", default=None,
                    help="neither use nor fill the compiled-model cache for this run")
 
@@ -79,14 +88,34 @@ def _add_img2img_options(p) -> None:
                    "request size and paste it back (A1111's Inpaint area: Only masked)")
     g.add_argument("--padding", type=int, default=32, metavar="N", help="pixels around the mask for "
                    "--inpaint-only-masked (default 32)")
+    g.add_argument("--resize-mode", default="just resize", choices=RESIZE_MODES, help="an init image (and mask) "
+                   "of another size than -W/-H, as A1111 (default: just resize)")
 
 
-def _request(args):
+def _prompts(args) -> list[str]:
+    """The prompt, or the lines of --from-file."""
+    from sdrt.errors import SdrtError
+
+    if (args.prompt is None) == (args.from_file is None):
+        raise SdrtError("give a prompt or --from-file FILE (one of the two)")
+    if args.prompt is not None:
+        return [args.prompt]
+    try:
+        lines = args.from_file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SdrtError(f"cannot read the prompts file {args.from_file}: {getattr(e, 'strerror', None) or e}") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise SdrtError(f"the prompts file {args.from_file} has no prompt")
+    return prompts
+
+
+def _request(args, prompt: str):
     from sdrt.runtime.image import load_image
     from sdrt.runtime.request import GenerationRequest
 
     return GenerationRequest(
-        prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
+        prompt=prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
         steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler, schedule=args.schedule,
         seed=args.seed, seed_mode=args.seed_mode, batch_size=args.batch_size, n_iter=args.n_iter, eta=args.eta,
         guidance_rescale=args.guidance_rescale, kind=args.kind, fast_decode=args.fast_decode,
@@ -94,49 +123,74 @@ def _request(args):
         init_image=None if args.init_image is None else load_image(args.init_image, "init image"),
         strength=args.strength, mask=None if args.mask is None else load_image(args.mask, "mask"),
         mask_blur=args.mask_blur, inpaint_full_res=args.inpaint_only_masked, inpaint_full_res_padding=args.padding,
+        resize_mode=args.resize_mode,
     )
 
 
 def _engine_options(args) -> dict:
-    given = {"device": args.device, "precision": args.precision, "hint": args.hint, "cache": args.cache}
+    given = {"device": args.device, "precision": args.precision, "hint": args.hint, "cache": args.cache,
+             "threads": args.threads}
     return {k: v for k, v in given.items() if v is not None}
 
 
-def output_paths(output: Path, n: int) -> list[Path]:
-    return [output] if n == 1 else [output.with_name(f"{output.stem}-{i}{output.suffix}") for i in range(n)]
+class Outputs:
+    """Where each image goes: -o's file (numbered NAME-i when there are several), else the next free number in
+    the output folder."""
+
+    def __init__(self, args, images: int):
+        from sdrt.runtime.image import check_writable
+        from sdrt.runtime.outputs import OutputFolder
+
+        self.files, self.folder = None, None
+        if args.output is not None:
+            out = args.output
+            self.files = iter([out] if images == 1 else
+                              [out.with_name(f"{out.stem}-{i}{out.suffix}") for i in range(images)])
+            check_writable(out)
+            self.preview = out.with_suffix(".preview.png")
+        else:
+            kind = "img2img" if args.init_image is not None else "txt2img"
+            self.folder = OutputFolder(args.outdir or Path("outputs") / f"{kind}-images", f".{args.format}")
+            self.preview = self.folder.folder / "preview.png"
+
+    def save(self, out) -> Path:
+        from sdrt.runtime.outputs import write_image
+
+        if self.folder is not None:
+            return self.folder.save(out.image, out.seed, out.parameters)
+        return write_image(out.image, next(self.files), out.parameters)
 
 
 def _generate(args) -> int:
     from sdrt.runtime.driver import run
-    from sdrt.runtime.image import check_writable, save_png
     from sdrt.runtime.pipeline import Pipeline
 
-    paths = output_paths(args.output, max(args.batch_size, 1) * max(args.n_iter, 1))
-    for path in paths:
-        check_writable(path)
-    request = _request(args)
+    prompts = _prompts(args)
+    requests = [_request(args, prompt) for prompt in prompts]
+    outputs = Outputs(args, len(prompts) * max(args.batch_size, 1) * max(args.n_iter, 1))
     with Pipeline.load(args.bundle, backend=args.backend, **_engine_options(args)) as pipe:
-        req = request.resolve(pipe.manifest)
-        progress = StepProgress(pipe, req, args)
-        try:
-            for out, path in zip(run(pipe, req, progress), paths):
-                save_png(out.image, path, out.parameters)
-                progress.write(f"{path} (seed {out.seed})" + (": flagged by the safety checker, blacked out"
-                                                               if out.nsfw else ""))
-        finally:
-            progress.close()
+        for request in requests:
+            req = request.resolve(pipe.manifest)
+            progress = StepProgress(pipe, req, args, outputs.preview)
+            try:
+                for out in run(pipe, req, progress):
+                    path = outputs.save(out)
+                    progress.write(f"{path} (seed {out.seed})" + (": flagged by the safety checker, blacked out"
+                                                                   if out.nsfw else ""))
+            finally:
+                progress.close()
     return 0
 
 
 class StepProgress:
     """The CLI's step hook: a progress bar on a terminal, a plain line per tenth otherwise, and previews."""
 
-    def __init__(self, pipe, req, args):
+    def __init__(self, pipe, req, args, preview: Path):
         from tqdm import tqdm
 
         from sdrt.runtime.samplers import sampler_label
 
-        self.pipe, self.preview_every, self.preview = pipe, args.preview_every, args.output.with_suffix(".preview.png")
+        self.pipe, self.preview_every, self.preview = pipe, args.preview_every, preview
         self.quiet, self.tty = args.quiet, sys.stderr.isatty()
         self.bar = tqdm(total=None, unit="step", desc=sampler_label(req.sampler), disable=args.quiet or not self.tty)
         self.last_line = -1

@@ -53,8 +53,12 @@ class Target:
         try:
             return getattr(importlib.import_module(module), function)
         except ImportError as e:
-            raise ExportError(f"--target {self.name} needs {e.name}: pip install 'sdrt[{self.extra}]'") from None
+            install = PROVIDED_BY.get(e.name, f"pip install 'sdrt[{self.extra}]'")
+            raise ExportError(f"--target {self.name} needs {e.name}: {install}") from None
 
+
+# Modules an export needs that no target's extra names, because users choose which build to install.
+PROVIDED_BY = {"onnxruntime": "pip install 'sdrt[onnxruntime]' (or 'sdrt[onnxruntime-gpu]' on an NVIDIA GPU)"}
 
 # Options more than one target reads are defined once and listed by each.
 PSNR_GATE = Option("--psnr-gate", "psnr_gate", "minimum image PSNR in dB against the source bundle (default: the "

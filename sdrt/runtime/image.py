@@ -51,8 +51,9 @@ def check_writable(path: Path) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise RequestError(f"cannot write {path}: folder {parent} does not exist")
-    if path.suffix.lower() != ".png":
-        raise RequestError(f"output must be a .png file, got {path.name}")
+    from sdrt.runtime.outputs import format_of
+
+    format_of(path)
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise RequestError(f"cannot write {path}: permission denied")
 

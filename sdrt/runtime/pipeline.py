@@ -68,6 +68,12 @@ class GeneratedImage:
     nsfw: bool = False  # flagged by the bundle's safety checker: `image` is black
     watermark: str | None = None  # the invisible watermark's payload, when one was embedded
 
+    def save(self, path: Path | str) -> Path:
+        """Write the image (.png, .jpg or .webp) with its parameters where A1111 keeps them, atomically."""
+        from sdrt.runtime.outputs import write_image
+
+        return write_image(self.image, Path(path), self.parameters)
+
 
 def _unet_feeds(x_in: np.ndarray, t: float, context: np.ndarray) -> dict[str, np.ndarray]:
     timestep = np.full(len(x_in), t, dtype=np.float32)

@@ -13,6 +13,7 @@ from sdrt.errors import RequestError
 from sdrt.runtime.img2img import INPAINT_CHANNELS, extra_unet_channels, rgb
 from sdrt.runtime.noise import SEED_MODES
 from sdrt.runtime.presets import preset_for, scheduler_config
+from sdrt.runtime.resize import resize, resize_mode_name, rounded_size
 from sdrt.runtime.samplers import make_schedule, resolve_sampler
 from sdrt.runtime.schedules import SchedulerConfig
 
@@ -52,6 +53,9 @@ class GenerationRequest:
     mask_blur: int = 0  # A1111's "Mask blur" in pixels: softens the mask and pastes the result over the original
     inpaint_full_res: bool = False  # A1111's "Inpaint area: Only masked": generate a crop around the mask
     inpaint_full_res_padding: int = 32  # A1111's "Only masked padding, pixels" around the mask's bounding box
+    # A1111's "Resize mode" for an init image (and mask) of another size than the request: "just resize",
+    # "crop and resize", "resize and fill" (or A1111's index 0-2).
+    resize_mode: str | int = "just resize"
     # Set by `resolve`: every field is final (defaults filled, seed fixed, names canonical, images converted).
     resolved: bool = field(default=False, repr=False, compare=False)
 
@@ -65,11 +69,10 @@ class GenerationRequest:
         except ValueError as e:
             raise RequestError(str(e)) from None
         steps, guidance_scale, sampler = preset.fill(self.steps, self.guidance_scale, self.sampler)
-        size = manifest.model.default_size
         seed = secrets.randbelow(2**32) if self.seed in (None, RANDOM_SEED) else self.seed
         req = replace(
             self, steps=steps, guidance_scale=guidance_scale, sampler=sampler or default_sampler(manifest.scheduler),
-            seed=seed, kind=preset.kind, **self._images(size), **self._prompts(),
+            seed=seed, kind=preset.kind, **self._images(manifest), **self._prompts(),
         )
         req._check(manifest)
         try:
@@ -112,18 +115,31 @@ class GenerationRequest:
         """The batches of a resolved request, run one after another: batch k starts at seed + k * batch_size."""
         return [replace(self, seed=self.seed + k * self.batch_size, n_iter=1) for k in range(self.n_iter)]
 
-    def _images(self, size: int) -> dict:
-        """Size (default: the init image's, else the model's), init image as RGB, mask as L, default strength."""
+    def _images(self, manifest: Manifest) -> dict:
+        """Size (default: the init image's rounded to the bundle's multiple, else the model's), the init image as
+        RGB and the mask as L, both resized to the request size as A1111's resize mode says (with "only masked",
+        the mask to the init image's size: the crop is generated at the request size), default strength."""
+        size = manifest.model.default_size
         if self.init_image is None:
             return {"width": self.width or size, "height": self.height or size}
         for what, value in (("init image", self.init_image), ("mask", self.mask)):
             if value is not None and not isinstance(value, Image.Image):
                 raise RequestError(f"{what} must be a PIL image, got {type(value).__name__}")
+        try:
+            mode = resize_mode_name(self.resize_mode)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
         image = rgb(self.init_image)
+        default_w, default_h = rounded_size(image, manifest.shapes.multiple_of)
+        width, height = self.width or default_w, self.height or default_h
+        if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
+            return {"width": width, "height": height}  # _check names the bad value
+        target = image.size if self.inpaint_full_res else (width, height)
+        mask = None if self.mask is None else resize(self.mask.convert("L"), mode, *target)
         return {
-            "init_image": image, "mask": None if self.mask is None else self.mask.convert("L"),
+            "init_image": image if self.inpaint_full_res else resize(image, mode, width, height), "mask": mask,
             "strength": DEFAULT_STRENGTH if self.strength is None else self.strength,
-            "width": self.width or image.width, "height": self.height or image.height,
+            "width": width, "height": height, "resize_mode": mode,
         }
 
     def _check(self, manifest: Manifest) -> None:
@@ -170,9 +186,6 @@ class GenerationRequest:
             raise RequestError("img2img needs a bundle with a vae_encoder")
         if not isinstance(self.strength, (int, float)) or not 0.0 < self.strength <= 1.0:
             raise RequestError(f"strength must be within (0, 1], got {self.strength!r}")
-        w, h = self.init_image.size
-        if not self.inpaint_full_res and (w, h) != (self.width, self.height):
-            raise RequestError(f"init image: expected {self.width}x{self.height} (the request size), got {w}x{h}")
         self._check_mask(extra)
 
     def _check_mask(self, extra: int) -> None:
@@ -182,10 +195,6 @@ class GenerationRequest:
             if self.mask_blur or self.inpaint_full_res:
                 raise RequestError("mask blur and only-masked inpainting need a mask")
             return
-        if self.mask.size != self.init_image.size:
-            w, h = self.init_image.size
-            mw, mh = self.mask.size
-            raise RequestError(f"mask: expected {w}x{h} (the init image's size), got {mw}x{mh}")
         for what, value in (("mask blur", self.mask_blur), ("padding", self.inpaint_full_res_padding)):
             if not isinstance(value, int) or value < 0:
                 raise RequestError(f"{what} must be an integer >= 0, got {value!r}")
