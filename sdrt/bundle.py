@@ -74,6 +74,9 @@ class Component:
     # Every file an engine opens for this component, `file` first (an IR's .bin, ONNX external data); recorded by
     # BundleWriter.commit. Empty in bundles written before it: then derived from the files (sdrt.bundle_files).
     files: tuple[str, ...] = ()
+    # The sha256 of every bundle file the component's engine opens, from the manifest, which verify_files checks:
+    # the content identity engine caches key on. Filled by Manifest.from_dict, not written.
+    checksums: dict[str, str] = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict:
         storage = {"weights_storage": self.weights_storage} if self.weights_storage != "fp32" else {}
@@ -135,19 +138,30 @@ class Manifest:
     def from_dict(cls, d: object) -> Manifest:
         """Build from a manifest.json document after checking it (sdrt.manifest_schema): garbage is one BundleError."""
         d = validate(d)
+        files = d["files"]
         manifest = cls(
             model=ModelInfo(**d["model"]),
-            components={k: Component.from_dict(k, c) for k, c in d["components"].items()},
+            components={k: _with_checksums(Component.from_dict(k, c), files) for k, c in d["components"].items()},
             scheduler=d["scheduler"],
             tokenizer=TokenizerInfo(**d.get("tokenizer", {})),
             shapes=ShapeRange(**d.get("shapes", {})),
             source=d.get("source", {}),
             tools=d.get("tools", {}),
-            files=d["files"],
+            files=files,
             format_version=d["format_version"],
         )
         check_manifest(manifest)
         return manifest
+
+
+def _with_checksums(component: Component, files: dict[str, str]) -> Component:
+    """The component with the checksums of the files it opens (its record; in older bundles everything in its
+    file's folder, or the file alone when it sits at the bundle's root)."""
+    folder = Path(component.file).parent.as_posix()
+    mine = {rel: files[rel] for rel in component.files if rel in files} if component.files else {
+        rel: digest for rel, digest in files.items()
+        if rel == component.file or (folder != "." and rel.startswith(folder + "/"))}
+    return replace(component, checksums=mine)
 
 
 def sha256_file(path: Path) -> str:

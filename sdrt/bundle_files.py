@@ -12,34 +12,38 @@ import os
 import posixpath
 import stat
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from sdrt.errors import BundleError, printable
 from sdrt.manifest_schema import MAX_FILES, is_bundle_path
 from sdrt.onnx_refs import external_data_files
 
 
-def check_tree(root: Path) -> None:
-    """Refuse a bundle folder holding a symbolic link or anything else that is not a regular file or folder."""
-    seen, folders = 0, [Path(root)]
+def entries(root: Path) -> Iterator[tuple[str, str]]:
+    """Every path under `root` (relative, '/'-separated) and its kind: file, folder, symbolic link or special file.
+    Links are reported, never followed."""
+    folders = [Path(root)]
     while folders:
         folder = folders.pop()
-        with os.scandir(folder) as entries:
-            for entry in entries:
-                seen += 1
-                if seen > 4 * MAX_FILES:
-                    raise BundleError(f"{printable(root)} holds over {4 * MAX_FILES} entries: not a bundle")
-                mode = entry.stat(follow_symlinks=False).st_mode
-                if stat.S_ISDIR(mode):
-                    folders.append(Path(entry.path))
-                elif not stat.S_ISREG(mode):
-                    raise BundleError(_not_regular(root, Path(entry.path), mode))
+        with os.scandir(folder) as it:
+            found = list(it)
+        for entry in found:
+            mode = entry.stat(follow_symlinks=False).st_mode
+            if stat.S_ISDIR(mode):
+                folders.append(Path(entry.path))
+            kind = ("folder" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode)
+                    else "symbolic link" if stat.S_ISLNK(mode) else "special file")
+            yield Path(entry.path).relative_to(root).as_posix(), kind
 
 
-def _not_regular(root: Path, path: Path, mode: int) -> str:
-    what = "a symbolic link" if stat.S_ISLNK(mode) else "a special file"
-    rel = printable(path.relative_to(root).as_posix())
-    return f"bundle {printable(root)} holds {what}, {rel}: a bundle may hold only regular files and folders"
+def check_tree(root: Path) -> None:
+    """Refuse a bundle folder holding a symbolic link or anything else that is not a regular file or folder."""
+    for seen, (rel, kind) in enumerate(entries(root), start=1):
+        if seen > 4 * MAX_FILES:
+            raise BundleError(f"{printable(root)} holds over {4 * MAX_FILES} entries: not a bundle")
+        if kind not in ("file", "folder"):
+            raise BundleError(f"bundle {printable(root)} holds a {kind}, {printable(rel)}: a bundle may hold only "
+                              "regular files and folders")
 
 
 def _ir_weights(root: Path, rel: str) -> list[str]:

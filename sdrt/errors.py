@@ -14,7 +14,8 @@ class ContractError(SdrtError):
 
 
 class RequestError(SdrtError, ValueError):
-    """A generation request has an invalid parameter (size, steps, sampler...)."""
+    """A generation request has an invalid parameter (size, steps, sampler...); also a ValueError, as Python's own
+    argument errors are."""
 
 
 class ExportError(SdrtError):
@@ -23,6 +24,10 @@ class ExportError(SdrtError):
 
 class BackendError(SdrtError):
     """An engine is not installed or cannot run a bundle."""
+
+
+class ConfigError(SdrtError):
+    """A setting from the environment (cache sizes, folders) is invalid."""
 
 
 # Unicode categories a terminal may act on instead of showing: controls (ESC starts escape sequences, CR rewrites

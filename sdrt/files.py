@@ -12,21 +12,26 @@ _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | 
 
 
 @contextmanager
-def replacing(path: Path | str) -> Iterator[BinaryIO]:
-    """A new file in `path`'s folder that is renamed to `path` when the block completes, after reaching the disk.
+def replacing(path: Path | str, *, exclusive: bool = False) -> Iterator[BinaryIO]:
+    """A new file in `path`'s folder that becomes `path` when the block completes, after reaching the disk.
 
     A full disk, an exception or a kill during the block leaves `path` as it was (a kill leaves the hidden
-    temporary file too). A symbolic link at `path` is replaced by the file, not written through.
+    temporary file too). A symbolic link at `path` is replaced by the file, not written through. `exclusive`:
+    FileExistsError instead of replacing a file already at `path`.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, _CREATE, 0o666)  # 0o666 less the umask, as a plain open() would create it
+    fd = os.open(tmp, _CREATE, 0o666)  # 0o666 less the umask, as a plain open() creates files (mkstemp: 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())  # on disk before the rename: a crash must not leave an empty file at `path`
-        os.replace(tmp, path)
+        if exclusive:
+            os.link(tmp, path)  # atomic, and refuses an existing name
+            os.unlink(tmp)
+        else:
+            os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

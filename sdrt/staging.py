@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from sdrt.bundle_files import entries
 from sdrt.errors import BundleError, printable
 from sdrt.manifest_schema import FORMAT, load_document
 
@@ -44,40 +44,26 @@ def check_destination(out: Path, overwrite: bool, flag: str = LIBRARY_FLAG) -> N
 
 
 def _not_replaceable(out: Path) -> str | None:
-    """Why `out` is not a folder sdrt may delete (None: it may)."""
+    """Why `out` is not a folder sdrt may delete (None: it may). Stops at the first reason: a home folder given by
+    mistake is refused at its top level, not walked."""
     if out.is_symlink() or not out.is_dir():
         return "is a symbolic link" if out.is_symlink() else "is not a folder"
-    entries = _entries(out)
-    if not entries:
+    if not any(out.iterdir()):
         return None
-    if entries.get(MANIFEST) != "file":
+    manifest = out / MANIFEST
+    if manifest.is_symlink() or not manifest.is_file():
         return f"holds files but no {MANIFEST}"
     try:
-        document = load_document(out / MANIFEST)
+        document = load_document(manifest)
     except BundleError:
         document = None
     if not isinstance(document, dict) or document.get("format") != FORMAT or not isinstance(document.get("files"),
                                                                                            dict):
         return f"has a {MANIFEST} sdrt did not write"
-    extra = sorted(rel for rel, kind in entries.items() if kind != "folder" and rel != MANIFEST
-                   and rel not in document["files"])
-    return f"holds {printable(extra[0])} ({entries[extra[0]]}), which its manifest does not list" if extra else None
-
-
-def _entries(root: Path) -> dict[str, str]:
-    """Every path under `root` (relative, '/'-separated) and its kind: file, folder, symbolic link or special."""
-    found, folders = {}, [root]
-    while folders:
-        folder = folders.pop()
-        with os.scandir(folder) as it:
-            for entry in it:
-                mode = entry.stat(follow_symlinks=False).st_mode
-                rel = Path(entry.path).relative_to(root).as_posix()
-                found[rel] = ("folder" if stat.S_ISDIR(mode) else "file" if stat.S_ISREG(mode)
-                              else "symbolic link" if stat.S_ISLNK(mode) else "special file")
-                if stat.S_ISDIR(mode):
-                    folders.append(Path(entry.path))
-    return found
+    for rel, kind in entries(out):
+        if kind != "folder" and rel != MANIFEST and rel not in document["files"]:
+            return f"holds {printable(rel)} ({kind}), which its manifest does not list"
+    return None
 
 
 def _try_lock(path: Path) -> int | None:

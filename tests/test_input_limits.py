@@ -137,7 +137,7 @@ INVALID = {
     "NaN strength": ([*INIT, "--strength", "nan"], "strength must be a finite number, got nan"),
     "rescale above one": (["--cfg-rescale", "2"], "guidance rescale must be within [0, 1], got 2.0"),
     "zero batch": (["--batch-size", "0"], "batch size must be from 1"),
-    "negative seed": (["--seed", "-1"], "seed must be an integer from 0"),
+    "negative seed": (["--seed", "-2"], "seed must be -1 (random) or an integer from 0"),
     "too many steps": (["--steps", "100000"], "steps must be an integer from 1 to 1000"),
 }
 

@@ -1,15 +1,14 @@
-"""Images in and out: input files checked before decoding, decoded tensors -> PIL images, and PNG files written
-atomically with A1111's "parameters" text chunk."""
+"""Images in and out: input files checked before decoding, decoded tensors -> PIL images, A1111's infotext, and
+the checks on an output path (sdrt.runtime.outputs writes the files)."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, PngImagePlugin, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from sdrt.errors import RequestError, printable
-from sdrt.files import replacing
 
 # Input images (init image, mask) larger than this are refused from their header, before any pixel is decoded:
 # 64 Mpixel (8192 x 8192) is far past SD's sizes, and its decoded RGB float copies still fit in memory. Pillow's
@@ -47,7 +46,7 @@ def check_image_size(image: Image.Image, what: str) -> None:
         raise RequestError(f"the {what} is {w}x{h} pixels; at most {MAX_INPUT_PIXELS // 2**20} Mpixel are accepted")
 
 
-def open_image(path: Path | str, what: str) -> Image.Image:
+def load_image(path: Path | str, what: str) -> Image.Image:
     """The image file at `path`, decoded only once its header shows a size within MAX_INPUT_PIXELS; an unreadable
     file, another format than INPUT_FORMATS or a decompression bomb is a one-line RequestError."""
     try:
@@ -75,24 +74,11 @@ def check_writable(path: Path) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise RequestError(f"cannot write {path}: folder {parent} does not exist")
-    if path.suffix.lower() != ".png":
-        raise RequestError(f"output must be a .png file, got {path.name}")
+    from sdrt.runtime.outputs import format_of
+
+    format_of(path)
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise RequestError(f"cannot write {path}: permission denied")
-
-
-def save_png(image: Image.Image, path: Path, parameters: str | None = None) -> Path:
-    """Write a PNG atomically (sdrt.files.replacing), with the A1111 "parameters" chunk when given (tEXt, or iTXt
-    when the text is not Latin-1)."""
-    info = PngImagePlugin.PngInfo()
-    if parameters is not None:
-        info.add_text("parameters", parameters)
-    try:
-        with replacing(path) as f:
-            image.save(f, format="PNG", pnginfo=info)
-    except OSError as e:
-        raise RequestError(f"cannot write {printable(path)}: {e.strerror or e}") from None
-    return Path(path)
 
 
 def psnr(a: Image.Image | np.ndarray, b: Image.Image | np.ndarray) -> float:
