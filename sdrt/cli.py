@@ -14,7 +14,7 @@ EXIT_USAGE = 2  # bad input: argparse's own convention, reused for every SdrtErr
 
 def _add_generate(sub) -> None:
     from sdrt.runtime.presets import KINDS
-    from sdrt.runtime.samplers import SAMPLERS
+    from sdrt.runtime.samplers import SAMPLERS, SCHEDULE_TYPES
 
     p = sub.add_parser("generate", help="generate images from a prompt (no torch needed)")
     p.add_argument("prompt")
@@ -29,7 +29,8 @@ def _add_generate(sub) -> None:
         "--sampler",
         help=f"one of: {', '.join(s.label for s in SAMPLERS.values())} (default: the bundle's scheduler)",
     )
-    p.add_argument("--schedule", help="A1111 schedule type: Karras, Exponential, SGM Uniform (default: the sampler's)")
+    p.add_argument("--schedule", help="A1111 schedule type: " + ", ".join(t.label for t in SCHEDULE_TYPES.values())
+                   + " (A1111's for k-diffusion samplers; default: Automatic, the sampler's own)")
     p.add_argument("--cfg-rescale", dest="guidance_rescale", type=float, default=0.0,
                    help="guidance rescale phi for zero-terminal-SNR models (0.7 in the paper; default 0: off)")
     p.add_argument("--seed-mode", choices=["cpu", "gpu"], default="cpu",

@@ -12,8 +12,7 @@ from sdrt.errors import RequestError
 from sdrt.runtime.img2img import INPAINT_CHANNELS, extra_unet_channels, rgb
 from sdrt.runtime.noise import SEED_MODES
 from sdrt.runtime.presets import preset_for, scheduler_config
-from sdrt.runtime.samplers import make_schedule, resolve_sampler
-from sdrt.runtime.schedules import SchedulerConfig
+from sdrt.runtime.samplers import make_schedule, resolve_sampler, sampler_for_config
 
 MAX_STEPS = 1000
 MAX_SEED = 2**64  # torch.Generator.manual_seed accepts 64-bit seeds
@@ -31,7 +30,7 @@ class GenerationRequest:
     steps: int | None = None  # None: the model kind's preset (25 standard, 4 LCM, 1 turbo)
     guidance_scale: float | None = None  # None: the preset's (7.5 standard; LCM and turbo: off)
     sampler: str | None = None
-    schedule: str | None = None  # A1111's "Schedule type" (Karras, Exponential, SGM Uniform); None: the sampler's
+    schedule: str | None = None  # A1111's "Schedule type" (Karras, Exponential, KL Optimal...); None: the sampler's
     seed: int | None = None
     seed_mode: str = "cpu"  # "cpu": torch's CPU generator (diffusers); "gpu": torch's CUDA Philox (A1111's default)
     batch_size: int = 1
@@ -153,15 +152,14 @@ def _check_size(manifest: Manifest, what: str, value: object) -> None:
         )
 
 
-def scheduler_settings(manifest: Manifest, kind: str) -> SchedulerConfig:
+def scheduler_settings(manifest: Manifest, kind: str) -> dict:
     """The bundle's scheduler config with the model kind's overrides (turbo: trailing timesteps)."""
-    return SchedulerConfig.from_dict(scheduler_config(manifest, preset_for(manifest, kind)))
+    return scheduler_config(manifest, preset_for(manifest, kind))
 
 
 def default_sampler(config: dict) -> str:
     """The sampler reproducing the bundle's own scheduler class (PNDM for SD 1.x), as diffusers would use."""
-    schedule = "Karras" if config.get("use_karras_sigmas") else None
     try:
-        return resolve_sampler(config.get("_class_name", ""), schedule)
+        return sampler_for_config(config)
     except ValueError:
         return "pndm"
