@@ -8,6 +8,7 @@ from PIL import Image, ImageDraw
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from test_pipeline_parity import silent_pipe, silent_scheduler_config  # noqa: E402, F401 (a fixture)
 from tiny_models import diffusers_reference  # noqa: E402
 
 from sdrt.errors import RequestError  # noqa: E402
@@ -52,9 +53,9 @@ def reference_pipe(tiny_sd1_dir):
     return diffusers_reference(diffusers.StableDiffusionImg2ImgPipeline, tiny_sd1_dir)
 
 
-def diffusers_images(pipe, sampler: str, strength: float, batch: int) -> np.ndarray:
+def diffusers_images(pipe, sampler: str, strength: float, batch: int, config: dict | None = None) -> np.ndarray:
     cls_name, extra = scheduler_for(sampler)
-    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.base_scheduler_config, **extra)
+    pipe.scheduler = getattr(diffusers, cls_name).from_config(config or pipe.base_scheduler_config, **extra)
     generators = [torch.Generator("cpu").manual_seed(SEED + i) for i in range(batch)]
     out = pipe(
         PROMPT, image=init_image(), strength=strength, negative_prompt=NEGATIVE, num_inference_steps=STEPS,
@@ -87,6 +88,13 @@ def test_img2img_matches_diffusers(reference_pipe, sdrt_pipe, sampler, strength)
     print(f"{sampler} strength {strength}: max abs {err:.2e}")
     assert ours.shape == ref.shape == (1, HEIGHT, WIDTH, 3)
     assert err <= PIXEL_TOL_FLOAT
+
+
+def test_img2img_on_a_silent_scheduler_config_matches_diffusers(reference_pipe, silent_pipe):
+    """DDIM's own defaults (x0 clipped, steps_offset 0) where the bundle's config is silent, with img2img's cut."""
+    ref = diffusers_images(reference_pipe, "DDIM", 0.6, batch=1, config=silent_scheduler_config(silent_pipe.manifest))
+    ours = sdrt_images(silent_pipe, "DDIM", 0.6, batch=1)
+    assert np.abs(ref - ours).max() <= PIXEL_TOL_FLOAT
 
 
 def test_img2img_batch_matches_diffusers(reference_pipe, sdrt_pipe):

@@ -69,23 +69,23 @@ _ABAR = diffusers.DDIMScheduler.from_config(SD15_CONFIG).alphas_cumprod.numpy().
 DATA_STD = 0.5  # of the Gaussian "data" the fake model denoises
 
 
-def fake_eps(x_in: np.ndarray, t: float) -> np.ndarray:
+def fake_eps(x_in: np.ndarray, t: float, data_std: float = DATA_STD) -> np.ndarray:
     """A deterministic stand-in for the UNet: the ideal eps for Gaussian data, plus nonlinear and spatial terms.
 
     It sees the scaled (VP) input and the timestep, as the UNet does; being close to a real denoiser keeps
     the latents at SD-like magnitudes instead of blowing up.
     """
     abar = np.interp(t, np.arange(len(_ABAR)), _ABAR)
-    ideal = math.sqrt(1 - abar) * x_in / (abar * DATA_STD**2 + 1 - abar)
+    ideal = math.sqrt(1 - abar) * x_in / (abar * data_std**2 + 1 - abar)
     return ideal + 0.05 * np.tanh(x_in) + 0.02 * np.roll(x_in, 1, axis=-1) + 0.01 * t / 1000
 
 
-def denoiser_for(cfg: dict):
+def denoiser_for(cfg: dict, data_std: float = DATA_STD):
     """The caller's wrapper: scale the VE input to the UNet's VP input, convert its output (eps or v) to denoised."""
     denoised_from = parametrization(cfg.get("prediction_type", "epsilon"))
 
     def denoiser(x: np.ndarray, sigma: float, t: float) -> np.ndarray:
-        return denoised_from(x, fake_eps(x / math.sqrt(sigma**2 + 1), t), sigma)
+        return denoised_from(x, fake_eps(x / math.sqrt(sigma**2 + 1), t, data_std), sigma)
 
     return denoiser
 
@@ -179,7 +179,7 @@ def noise_source(name: str, seed: int):
 
 
 def run_diffusers(
-    name: str, cfg: dict, steps: int, start: np.ndarray, seed: int, eta: float, prepare=None
+    name: str, cfg: dict, steps: int, start: np.ndarray, seed: int, eta: float, prepare=None, data_std=DATA_STD
 ) -> list[np.ndarray]:
     """StableDiffusionPipeline's denoising loop around the diffusers scheduler, float64 latents.
 
@@ -198,13 +198,15 @@ def run_diffusers(
     out = []
     for t in scheduler.timesteps:
         x_in = scheduler.scale_model_input(latents, t)
-        eps = torch.from_numpy(fake_eps(x_in.numpy(), float(t)))
+        eps = torch.from_numpy(fake_eps(x_in.numpy(), float(t), data_std))
         latents = scheduler.step(eps, t, latents, **kwargs).prev_sample
         out.append(latents.numpy().copy())
     return out
 
 
-def run_sdrt(name: str, cfg: dict, steps: int, start: np.ndarray, seed: int, eta: float) -> list[np.ndarray]:
+def run_sdrt(
+    name: str, cfg: dict, steps: int, start: np.ndarray, seed: int, eta: float, data_std: float = DATA_STD
+) -> list[np.ndarray]:
     """The numpy sampler, its VE latents converted to diffusers' space (VP for the VP schedulers)."""
     schedule = make_schedule(name, cfg, steps)
     draw = noise_source(name, seed)
@@ -213,16 +215,16 @@ def run_sdrt(name: str, cfg: dict, steps: int, start: np.ndarray, seed: int, eta
         return draw(shape).numpy()
 
     eta = eta if name == "ddim" else None  # the harness's eta is DDIM's; the others keep their default
-    xs = sample(name, denoiser_for(cfg), start * schedule.init_noise_sigma, schedule, noise, eta=eta)
+    xs = sample(name, denoiser_for(cfg, data_std), start * schedule.init_noise_sigma, schedule, noise, eta=eta)
     vp = sampler_spec(name).scheduler in VP_SCHEDULERS
     return [x / math.sqrt(1 + s**2) if vp else x for x, s in zip(xs, schedule.sigmas[1:])]
 
 
-def max_step_errors(name, cfg, steps, eta=0.0, seed=0, prepare=None) -> np.ndarray:
+def max_step_errors(name, cfg, steps, eta=0.0, seed=0, prepare=None, data_std=DATA_STD) -> np.ndarray:
     """Max abs latent difference after every model evaluation, asserting both sides took the same number."""
     start = np.random.default_rng(seed).standard_normal(SHAPE)
-    ref = run_diffusers(name, cfg, steps, start, seed + 1, eta, prepare)
-    ours = run_sdrt(name, cfg, steps, start, seed + 1, eta)
+    ref = run_diffusers(name, cfg, steps, start, seed + 1, eta, prepare, data_std)
+    ours = run_sdrt(name, cfg, steps, start, seed + 1, eta, data_std)
     assert len(ours) == len(ref)
     return np.array([np.abs(a - b).max() for a, b in zip(ours, ref)])
 
@@ -323,7 +325,7 @@ def test_alphas_cumprod_bitwise(beta_schedule):
 def test_default_spacing_follows_each_diffusers_class():
     for name, spec in SAMPLERS.items():
         expected = diffusers_class(spec.scheduler).from_config(SD15_CONFIG).config.timestep_spacing
-        assert scheduler_class(spec.scheduler).resolve(SD15_CONFIG).timestep_spacing == expected, name
+        assert scheduler_class(spec.scheduler).resolve(SD15_CONFIG, spec.options).timestep_spacing == expected, name
 
 
 def test_resolve_ignores_unknown_keys():

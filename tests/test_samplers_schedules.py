@@ -131,6 +131,13 @@ def test_zero_snr_ddim_near_diffusers_without_the_clamp(steps):
     assert STEP_TOL < errors.max() < DDIM_ZERO_SNR_TOL, f"steps={steps}: {errors}"
 
 
+@pytest.mark.parametrize("steps", (2, 4, 8))
+def test_zero_snr_lcm_near_diffusers(steps):
+    """LCMScheduler keeps alphas_cumprod[-1] = 0 like DDIM; sdrt's clamp to 2**-24 moves its first x0 as much."""
+    errors = max_step_errors("lcm", ZERO_SNR, steps)
+    assert errors.max() < DDIM_ZERO_SNR_TOL, f"steps={steps}: {errors}"
+
+
 def test_lcm_ignores_timestep_spacing_as_diffusers_does():
     trailing = make_schedule("LCM", config_dict("trailing"), 4)
     np.testing.assert_array_equal(trailing.timesteps, [999, 759, 499, 259])

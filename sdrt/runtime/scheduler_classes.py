@@ -85,7 +85,8 @@ class SchedulerClass:
         for key in sorted(set(self.defaults) - REPRODUCED - pinned - self.ignored):
             value, default = values[key], self.defaults[key]
             if not same_value(value, default):
-                raise ValueError(f"{self.name} with {key}={value!r} is not supported (sdrt reproduces {default!r})")
+                raise ValueError(f"{self.name} with {key}={value!r} is not supported by sdrt (the class default is "
+                                 f"{default!r})")
 
     def schedule(self, config: Mapping, steps: int, strength: float = 1.0, overrides: Mapping = MappingProxyType({})
                  ) -> Schedule:
