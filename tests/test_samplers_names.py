@@ -102,8 +102,9 @@ def test_schedule_types_are_a1111s():
 
 
 @pytest.mark.parametrize("name, source", [
-    ("DPM++ 2M Karras", "diffusers"), ("Euler a Karras", "a1111"), ("Euler a Beta", "a1111"), ("Heun Beta", "diffusers"),
-    ("Euler SGM Uniform", "diffusers"), ("Euler Uniform", "a1111"), ("DDIM", "diffusers"), ("DPM++ 2S a Normal", "a1111"),
+    ("DPM++ 2M Karras", "diffusers"), ("Euler a Karras", "a1111"), ("Euler a Beta", "a1111"),
+    ("Heun Beta", "diffusers"), ("Euler SGM Uniform", "diffusers"), ("Euler Uniform", "a1111"), ("DDIM", "diffusers"),
+    ("DPM++ 2S a Normal", "a1111"),
 ])
 def test_schedule_source(name, source):
     """A schedule type is diffusers' where the sampler's class has it (parity tests), A1111's otherwise."""

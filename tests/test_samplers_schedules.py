@@ -68,7 +68,8 @@ def test_schedule_type_matches_diffusers_every_step(name, steps):
 @pytest.mark.parametrize("steps", STEPS)
 @pytest.mark.parametrize("name", SCHEDULED)
 def test_schedule_type_schedule_matches_diffusers(name, steps):
-    assert_schedule_matches(name, config_dict(None), steps, rtol=BETA_STAGE_RTOL if name == "dpm_2_ancestral_beta" else None)
+    rtol = BETA_STAGE_RTOL if name == "dpm_2_ancestral_beta" else None
+    assert_schedule_matches(name, config_dict(None), steps, rtol=rtol)
 
 
 def test_schedule_types_change_the_schedule():

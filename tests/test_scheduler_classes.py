@@ -1,4 +1,4 @@
-"""The scheduler-class records against the installed diffusers: __init__ defaults, from_config's resolution, refusals."""
+"""The scheduler-class records against the installed diffusers: __init__ defaults, from_config, refusals."""
 from __future__ import annotations
 
 import inspect
@@ -7,9 +7,8 @@ import diffusers
 import pytest
 from test_samplers import SD15_CONFIG, diffusers_class
 
-from sdrt.runtime.noise_levels import SAMPLER_CHOSEN
 from sdrt.runtime.samplers import SAMPLERS, make_schedule, scheduler_for
-from sdrt.runtime.scheduler_classes import REPRODUCED, SCHEDULER_CLASSES, scheduler_class
+from sdrt.runtime.scheduler_classes import REPRODUCED, SAMPLER_CHOSEN, SCHEDULER_CLASSES, scheduler_class
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
@@ -48,7 +47,7 @@ def test_silent_config_resolves_as_from_config(sampler):
     for config in ({}, SD15_CONFIG):
         reference = diffusers_class(name).from_config(config, **options).config
         resolved = record.resolve(config, options)
-        for key in REPRODUCED & set(record.defaults) - set(SAMPLER_CHOSEN):
+        for key in REPRODUCED & set(record.defaults) - SAMPLER_CHOSEN:
             value = getattr(resolved, key)
             assert value == (tuple(reference[key]) if key == "trained_betas" and value else reference[key]), key
 
@@ -108,19 +107,14 @@ def test_unknown_override_is_refused():
         scheduler_class("DDIMScheduler").resolve(SD15_CONFIG, {"use_karras_sigmas": True})
 
 
-@pytest.mark.parametrize("name, key", [
-    ("DDIMScheduler", "clip_sample"), ("LCMScheduler", "clip_sample"), ("HeunDiscreteScheduler", "clip_sample"),
-    ("DDIMScheduler", "thresholding"), ("LCMScheduler", "thresholding"), ("DPMSolverMultistepScheduler", "thresholding"),
-    ("UniPCMultistepScheduler", "thresholding"), ("DEISMultistepScheduler", "thresholding"),
-])
-def test_x0_clamps_are_where_diffusers_has_them(name, key):
-    """The classes whose step() or convert_model_output() clips or thresholds x0 (and only they) take the key."""
-    assert key in SCHEDULER_CLASSES[name].defaults
-    holders = {n for n, r in SCHEDULER_CLASSES.items() if key in r.defaults}
-    expected = {"clip_sample": {"DDIMScheduler", "LCMScheduler", "HeunDiscreteScheduler"},
-                "thresholding": {"DDIMScheduler", "LCMScheduler", "DPMSolverMultistepScheduler",
-                                 "UniPCMultistepScheduler", "DEISMultistepScheduler"}}[key]
-    assert holders == expected
+def test_x0_clamps_are_where_diffusers_has_them():
+    """The classes whose step() or convert_model_output() clips or thresholds x0, and only they, take the keys."""
+    def holders(key):
+        return {n for n, r in SCHEDULER_CLASSES.items() if key in r.defaults}
+
+    assert holders("clip_sample") == {"DDIMScheduler", "LCMScheduler", "HeunDiscreteScheduler"}
+    assert holders("thresholding") == {"DDIMScheduler", "LCMScheduler", "DPMSolverMultistepScheduler",
+                                       "UniPCMultistepScheduler", "DEISMultistepScheduler"}
 
 
 def test_preset_kind_of_each_class():

@@ -18,10 +18,6 @@ from .beta_distribution import beta_ppf
 
 F32 = np.float32
 
-# Chosen by the sampler name (an A1111 schedule type), never read from a bundle's scheduler_config.json:
-# "DPM++ 2M" must mean the same schedule whatever scheduler class the checkpoint was saved with.
-SAMPLER_CHOSEN = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
-
 # alphas_cumprod[-1] under rescale_betas_zero_snr: diffusers' Euler/DPM/UniPC set it so that the first sigma
 # is finite ("FP16 smallest positive subnormal"); VE-space sampling cannot hold sigma = inf.
 ZERO_SNR_LAST_ALPHA_CUMPROD = 2.0**-24
@@ -52,7 +48,7 @@ class SchedulerConfig:
     final_sigmas_type: str = "zero"
     # LCMScheduler.
     original_inference_steps: int = 50
-    # The sigma discretization (A1111 schedule type), set from the sampler name: see SAMPLER_CHOSEN.
+    # The sigma discretization (A1111 schedule type), set from the sampler name (scheduler_classes.SAMPLER_CHOSEN).
     use_karras_sigmas: bool = False
     use_exponential_sigmas: bool = False
     use_beta_sigmas: bool = False

@@ -76,7 +76,8 @@ SAMPLERS = {
     # PLMS: diffusers' PNDM without its Runge-Kutta warm-up (the SD configs' skip_prk_steps=True).
     "pndm": SamplerSpec(sample_pndm, "PNDMScheduler", {"skip_prk_steps": True}, "PLMS", ("plms",)),
     "ddim": SamplerSpec(sample_ddim, "DDIMScheduler", label="DDIM"),
-    "euler": SamplerSpec(sample_euler, "EulerDiscreteScheduler", label="Euler", aliases=("k_euler",), k_diffusion=_PLAIN),
+    "euler": SamplerSpec(sample_euler, "EulerDiscreteScheduler", label="Euler", aliases=("k_euler",),
+                         k_diffusion=_PLAIN),
     "euler_ancestral": SamplerSpec(
         sample_euler_ancestral, "EulerAncestralDiscreteScheduler", label="Euler a", aliases=("euler_a", "k_euler_a"),
         k_diffusion=_PLAIN,

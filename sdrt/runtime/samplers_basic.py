@@ -34,7 +34,7 @@ PLMS_WEIGHTS = {
 LMS_ORDER = 4  # LMSDiscreteScheduler.step(order=4), k-diffusion sample_lms(order=4)
 # LCMScheduler's boundary condition (Song et al. 2023 consistency models, eq. 8 with LCM's scaled timestep).
 LCM_SIGMA_DATA = 0.5
-LCM_TIMESTEP_SCALING = 10.0  # LCMScheduler's class default; every published LCM config keeps it
+LCM_TIMESTEP_SCALING = 10.0  # LCMScheduler's default; other values are refused (scheduler_classes.py)
 
 
 def emit(x: np.ndarray) -> Generator[np.ndarray, "np.ndarray | None", np.ndarray]:

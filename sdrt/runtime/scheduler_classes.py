@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from .noise_levels import SAMPLER_CHOSEN, Schedule, SchedulerConfig
+from .noise_levels import Schedule, SchedulerConfig
 from .schedules import (
     ddim_schedule, deis_schedule, dpm_multistep_schedule, dpm_sde_schedule, euler_schedule, heun_schedule,
     kdpm2_ancestral_schedule, kdpm2_schedule, lcm_schedule, pndm_schedule, skipped_steps, unipc_schedule,
@@ -30,6 +30,9 @@ Builder = Callable[[SchedulerConfig, int], Schedule]
 
 # Keys sdrt reads from a config: SchedulerConfig's fields. Any other key of a class must stay at its default.
 REPRODUCED = frozenset(f.name for f in dataclasses.fields(SchedulerConfig))
+# Chosen by the sampler name (an A1111 schedule type), never read from a bundle's scheduler_config.json:
+# "DPM++ 2M" must mean the same schedule whatever scheduler class the checkpoint was saved with.
+SAMPLER_CHOSEN = frozenset({"use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"})
 
 # __init__ defaults shared by many classes (the ones ported from k-diffusion default to SD's beta range).
 _DDPM_BETAS = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
@@ -71,7 +74,7 @@ class SchedulerClass:
             raise ValueError(f"{self.name} has no {', '.join(missing)}")
         # diffusers drops keys a live config only holds by default (_use_default_values) and sdrt never reads
         # the sigma kind from a config (SAMPLER_CHOSEN).
-        skip = set(config.get("_use_default_values", ())) | set(SAMPLER_CHOSEN)
+        skip = set(config.get("_use_default_values", ())) | SAMPLER_CHOSEN
         given = {k: v for k, v in config.items() if k in self.defaults and k not in skip}
         values = {**self.defaults, **given, **overrides}
         self._refuse_unreproduced(values, set(overrides))
@@ -117,7 +120,7 @@ SCHEDULER_CLASSES = {r.name: r for r in (
     _record("PNDMScheduler", {**_DDPM_BETAS, "skip_prk_steps": False, "set_alpha_to_one": False,
                               "timestep_spacing": "leading"},
             pndm_schedule, rebuild_from=pndm_schedule),
-    _record("DDIMScheduler", {**_DDPM_BETAS, **_THRESHOLD, "clip_sample": True, "clip_sample_range": 1.0,
+    _record("DDIMScheduler", {**_DDPM_BETAS, **_THRESHOLD, **_CLIP, "clip_sample": True,
                               "set_alpha_to_one": True, "timestep_spacing": "leading", "rescale_betas_zero_snr": False},
             ddim_schedule),
     _record("EulerDiscreteScheduler", {**_DDPM_BETAS, **_SIGMA_KINDS, "interpolation_type": "linear", "sigma_min": None,
@@ -139,9 +142,9 @@ SCHEDULER_CLASSES = {r.name: r for r in (
                                       "timestep_spacing": "linspace"},
             dpm_sde_schedule, order=2, ignored=frozenset({"noise_sampler_seed"})),
     _record("DPMSolverMultistepScheduler", {**_MULTISTEP, "algorithm_type": "dpmsolver++", "solver_type": "midpoint",
-                                            "euler_at_final": False, "use_lu_lambdas": False, "final_sigmas_type": "zero",
-                                            "lambda_min_clipped": -math.inf, "variance_type": None,
-                                            "rescale_betas_zero_snr": False},
+                                            "euler_at_final": False, "use_lu_lambdas": False,
+                                            "final_sigmas_type": "zero", "lambda_min_clipped": -math.inf,
+                                            "variance_type": None, "rescale_betas_zero_snr": False},
             dpm_multistep_schedule),
     _record("UniPCMultistepScheduler", {**_MULTISTEP, "predict_x0": True, "solver_type": "bh2", "disable_corrector": (),
                                         "solver_p": None, "final_sigmas_type": "zero", "rescale_betas_zero_snr": False,
