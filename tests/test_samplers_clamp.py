@@ -33,10 +33,15 @@ LATENT_SCALE = {"pndm-saved": 1, "empty": 11}
 
 CLIPPING = [n for n in DIFFUSERS_SAMPLERS if "clip_sample" in scheduler_class(SAMPLERS[n].scheduler).defaults]
 THRESHOLDING = [n for n in DIFFUSERS_SAMPLERS if "thresholding" in scheduler_class(SAMPLERS[n].scheduler).defaults]
-CLIP_SETTINGS = [{"clip_sample": True, "clip_sample_range": 0.5}, {"clip_sample": True, "clip_sample_range": 1.5},
-                 {"clip_sample": False}]
-THRESHOLD_SETTINGS = [{"thresholding": True, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 2.5},
-                      {"thresholding": True}]  # ratio 0.995 and max 1.0 by default: plain clipping at 1
+SETTINGS = {
+    "clip 0.5": {"clip_sample": True, "clip_sample_range": 0.5},
+    "clip 1.5": {"clip_sample": True, "clip_sample_range": 1.5},
+    "no clip": {"clip_sample": False},
+    "threshold 0.9 / 2.5": {"thresholding": True, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 2.5},
+    "threshold": {"thresholding": True},  # ratio 0.995 and max 1.0 by default: plain clipping at 1
+}
+SETTING_CASES = [(name, setting) for setting, keys in SETTINGS.items()
+                 for name in (CLIPPING if "clip_sample" in keys else THRESHOLDING)]
 
 
 def wide_errors(name: str, cfg: dict, steps: int, eta: float = 0.0) -> np.ndarray:
@@ -54,20 +59,11 @@ def test_silent_config_matches_diffusers(name, config, steps):
 
 
 @pytest.mark.parametrize("steps", STEPS)
-@pytest.mark.parametrize("setting", range(len(CLIP_SETTINGS)))
-@pytest.mark.parametrize("name", CLIPPING)
-def test_clip_sample_matches_diffusers(name, setting, steps):
-    errors = wide_errors(name, {**SD15_CONFIG, **CLIP_SETTINGS[setting]}, steps)
-    assert errors.max() < WIDE_STEP_TOL, f"{name} {CLIP_SETTINGS[setting]} steps={steps}: {errors}"
-
-
-@pytest.mark.parametrize("steps", STEPS)
-@pytest.mark.parametrize("setting", range(len(THRESHOLD_SETTINGS)))
-@pytest.mark.parametrize("name", THRESHOLDING)
-def test_thresholding_matches_diffusers(name, setting, steps):
-    errors = wide_errors(name, {**SD15_CONFIG, **THRESHOLD_SETTINGS[setting]}, steps)
+@pytest.mark.parametrize("name, setting", SETTING_CASES)
+def test_clip_and_threshold_settings_match_diffusers(name, setting, steps):
+    errors = wide_errors(name, {**SD15_CONFIG, **SETTINGS[setting]}, steps)
     tol = step_tol(name) / STEP_TOL * WIDE_STEP_TOL
-    assert errors.max() < tol, f"{name} {THRESHOLD_SETTINGS[setting]} steps={steps}: {errors}"
+    assert errors.max() < tol, f"{name} {SETTINGS[setting]} steps={steps}: {errors}"
 
 
 @pytest.mark.parametrize("eta", (0.0, 1.0))
