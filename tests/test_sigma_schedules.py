@@ -20,7 +20,7 @@ from test_samplers import SD15_CONFIG, SHAPE, denoiser_for, fake_eps, noise_sour
 from sdrt.runtime.beta_distribution import beta_cdf, beta_ppf
 from sdrt.runtime.noise_levels import alphas_cumprod, train_sigmas
 from sdrt.runtime.samplers import (
-    SAMPLERS, SCHEDULE_TYPES, make_schedule, resolve_sampler, sample, sampler_spec, schedule_source,
+    SAMPLERS, SCHEDULE_TYPES, make_schedule, resolve_sampler, sample, sampler_spec, schedule_source, step_count,
 )
 from sdrt.runtime.scheduler_classes import scheduler_class
 
@@ -359,3 +359,13 @@ def test_strength_cuts_a1111_schedules_as_get_timesteps(sampler, key):
     skipped = n_steps - int(n_steps * 0.75)
     np.testing.assert_array_equal(cut.sigmas, full.sigmas[skipped * (1 if spec.k_diffusion.stage is None else 2):])
     assert cut.init_noise_sigma == full.init_noise_sigma  # img2img noises the image to cut.sigmas[0] instead
+
+
+@pytest.mark.parametrize("name, steps", [("Heun KL Optimal", 6), ("Heun Normal", 6), ("DPM2 a KL Optimal", 5),
+                                         ("PLMS", 6), ("Euler a Karras", 4)])
+def test_progress_counts_sampler_steps(name, steps):
+    """A two-stage step on A1111's KL Optimal (no last step to 0) calls the model twice every step."""
+    evaluations = make_schedule(name, SD15_CONFIG, steps).steps
+    total, done = step_count(name, evaluations)
+    assert total == steps and done(evaluations) == steps
+    assert [done(i) for i in range(evaluations + 1)] == sorted(done(i) for i in range(evaluations + 1))

@@ -37,7 +37,7 @@ from .x0_clamp import X0Clamp, x0_clamp
 __all__ = [
     "SAMPLERS", "SCHEDULE_TYPES", "SamplerSpec", "ScheduleType", "resolve_sampler", "make_schedule", "sample",
     "sampler_label", "sampler_name", "schedule_label", "scheduler_for", "schedule_types_for", "schedule_source",
-    "sampler_for_config", "sampler_spec",
+    "sampler_for_config", "sampler_spec", "step_count",
 ]
 
 
@@ -278,6 +278,17 @@ def _clamped(model: Denoiser, clamp: X0Clamp) -> Denoiser:
 def sampler_spec(name: str) -> SamplerSpec:
     """The registry entry of a sampler name (its schedule type aside)."""
     return SAMPLERS[_split(resolve_sampler(name))[0]]
+
+
+def step_count(name: str, evaluations: int) -> tuple[int, Callable[[int], int]]:
+    """(sampler steps, steps done after model evaluation i) of a schedule of `evaluations` model calls: progress
+    counts steps, not calls. Two-stage samplers (Heun, DPM2...) call the model twice per step but once on the last;
+    PNDM calls it once more than it steps (its second timestep is evaluated twice, PNDMScheduler.set_timesteps)."""
+    record = scheduler_class(sampler_spec(name).scheduler)
+    calls = record.order  # A1111's schedules too: its two-stage samplers are exactly the order-2 classes'
+    extra = record.extra_evaluations if evaluations > 1 else 0
+    steps = -(-(evaluations - extra) // calls)
+    return steps, lambda i: steps if i >= evaluations else max(0, i - extra) // calls
 
 
 def sampler_label(name: str) -> str:

@@ -56,6 +56,7 @@ class SchedulerClass:
     order: int = 1  # scheduler.order: model evaluations per step (img2img skips order * t_start of them)
     kind: str = "standard"  # the model kind (presets.py) of a bundle saved with this class
     follows_spacing: bool = True  # False: timesteps from the class's own grid whatever timestep_spacing says
+    extra_evaluations: int = 0  # model evaluations beyond order * steps (progress counts steps, not calls)
     # img2img: a builder that starts at evaluation `begin` where cutting the full schedule would be wrong.
     rebuild_from: Callable[[SchedulerConfig, int, int], Schedule] | None = None
     # Keys the class takes that do not apply to sdrt and are accepted at any value.
@@ -119,7 +120,7 @@ def _record(name: str, defaults: dict, build: Builder, **facts) -> SchedulerClas
 SCHEDULER_CLASSES = {r.name: r for r in (
     _record("PNDMScheduler", {**_DDPM_BETAS, "skip_prk_steps": False, "set_alpha_to_one": False,
                               "timestep_spacing": "leading"},
-            pndm_schedule, rebuild_from=pndm_schedule),
+            pndm_schedule, rebuild_from=pndm_schedule, extra_evaluations=1),  # its second timestep twice
     _record("DDIMScheduler", {**_DDPM_BETAS, **_THRESHOLD, **_CLIP, "clip_sample": True,
                               "set_alpha_to_one": True, "timestep_spacing": "leading", "rescale_betas_zero_snr": False},
             ddim_schedule),
