@@ -64,8 +64,8 @@ def test_values_are_quoted_exactly_as_a1111_quotes_them():
 
 def test_sampler_and_schedule_type_are_separate_fields(sdrt_pipe):
     req = GenerationRequest("a cat", sampler="Euler a", schedule="Karras", steps=3, seed=7).resolve(sdrt_pipe.manifest)
-    parsed = parse_generation_parameters(sdrt_pipe.parameters(req, req.seed))
+    parsed = parse_generation_parameters(sdrt_pipe.parameters(req, 0))
     assert (parsed["Sampler"], parsed["Schedule type"], parsed["Steps"]) == ("Euler a", "Karras", "3")
     req = GenerationRequest("a cat", sampler="DPM++ 2M", steps=3, seed=7).resolve(sdrt_pipe.manifest)
-    parsed = parse_generation_parameters(sdrt_pipe.parameters(req, req.seed))
+    parsed = parse_generation_parameters(sdrt_pipe.parameters(req, 0))
     assert (parsed["Sampler"], parsed["Schedule type"]) == ("DPM++ 2M", "Automatic")
