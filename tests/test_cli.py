@@ -44,7 +44,7 @@ def test_generate_writes_png_with_a1111_parameters(tiny_sd1_bundle, tmp_path, ca
     assert prompt == "a red circle, big"
     assert negative == "ugly"
     assert params["Steps"] == "3"
-    assert params["Sampler"] == "DPM++ 2M Karras"
+    assert (params["Sampler"], params["Schedule type"]) == ("DPM++ 2M", "Karras")  # as A1111 1.9+ writes them
     assert params["CFG scale"] == "6.5"
     assert params["Seed"] == "42"
     assert params["Size"] == "64x72"

@@ -8,6 +8,7 @@ from PIL import Image, ImageDraw
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from test_pipeline_parity import silent_pipe, silent_scheduler_config  # noqa: E402, F401 (a fixture)
 from tiny_models import diffusers_reference  # noqa: E402
 
 from sdrt.errors import RequestError  # noqa: E402
@@ -15,7 +16,6 @@ from sdrt.runtime.noise_levels import Schedule  # noqa: E402
 from sdrt.runtime.pipeline import Pipeline  # noqa: E402
 from sdrt.runtime.request import GenerationRequest  # noqa: E402
 from sdrt.runtime.samplers import make_schedule, scheduler_for  # noqa: E402
-from sdrt.runtime.schedules import SchedulerConfig  # noqa: E402
 
 # Max abs difference of the float images in [0, 1] (before 8 bits). txt2img reaches ~3e-6 with the same model;
 # img2img adds a VAE encode (ONNX vs torch, ~1e-6) whose latents start the loop, so allow 30x that.
@@ -53,9 +53,9 @@ def reference_pipe(tiny_sd1_dir):
     return diffusers_reference(diffusers.StableDiffusionImg2ImgPipeline, tiny_sd1_dir)
 
 
-def diffusers_images(pipe, sampler: str, strength: float, batch: int) -> np.ndarray:
+def diffusers_images(pipe, sampler: str, strength: float, batch: int, config: dict | None = None) -> np.ndarray:
     cls_name, extra = scheduler_for(sampler)
-    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.base_scheduler_config, **extra)
+    pipe.scheduler = getattr(diffusers, cls_name).from_config(config or pipe.base_scheduler_config, **extra)
     generators = [torch.Generator("cpu").manual_seed(SEED + i) for i in range(batch)]
     out = pipe(
         PROMPT, image=init_image(), strength=strength, negative_prompt=NEGATIVE, num_inference_steps=STEPS,
@@ -90,6 +90,13 @@ def test_img2img_matches_diffusers(reference_pipe, sdrt_pipe, sampler, strength)
     assert err <= PIXEL_TOL_FLOAT
 
 
+def test_img2img_on_a_silent_scheduler_config_matches_diffusers(reference_pipe, silent_pipe):
+    """DDIM's own defaults (x0 clipped, steps_offset 0) where the bundle's config is silent, with img2img's cut."""
+    ref = diffusers_images(reference_pipe, "DDIM", 0.6, batch=1, config=silent_scheduler_config(silent_pipe.manifest))
+    ours = sdrt_images(silent_pipe, "DDIM", 0.6, batch=1)
+    assert np.abs(ref - ours).max() <= PIXEL_TOL_FLOAT
+
+
 def test_img2img_batch_matches_diffusers(reference_pipe, sdrt_pipe):
     """Batch 2 with one generator per image: diffusers repeats the image and samples each latent with its own."""
     ref = diffusers_images(reference_pipe, "Euler a", 0.6, batch=2)
@@ -118,7 +125,7 @@ def test_low_strength_stays_near_the_init_image(sdrt_pipe):
 def test_strength_cuts_the_schedule_as_get_timesteps(sampler, order):
     """diffusers: init_timestep = int(steps * strength); the first (steps - init_timestep) * order evaluations go."""
     sd15 = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1}
-    config = SchedulerConfig.from_dict(sd15)
+    config = sd15
     full = make_schedule(sampler, config, 10)
     cut = make_schedule(sampler, config, 10, strength=0.75)  # int(7.5) = 7 steps kept, 3 skipped
     assert isinstance(cut, Schedule)
@@ -132,10 +139,11 @@ def test_strength_cuts_the_schedule_as_get_timesteps(sampler, order):
 
 def test_pndm_truncation_repeats_the_second_timestep_by_position():
     """PNDM's re-step of the first sample happens at the second evaluation, whatever timestep comes second."""
-    cut = make_schedule("PNDM", SchedulerConfig(), 10, strength=0.75)
+    sd15 = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1}
+    cut = make_schedule("PNDM", sd15, 10, strength=0.75)
     # Full: [901, 801, 801, 701, ...]; diffusers keeps timesteps[3:] = [701, 601, 501, ...].
     assert cut.timesteps.tolist()[:3] == [701, 601, 501]
-    full = make_schedule("DDIM", SchedulerConfig(), 10)
+    full = make_schedule("DDIM", sd15, 10)
     level = dict(zip(full.timesteps.tolist(), full.sigmas.tolist()))
     assert cut.sigmas_from[1] == level[701] and cut.sigmas_to[1] == level[601]  # re-step 701 -> 601
     assert cut.sigmas_from[2] == level[501] and cut.sigmas_to[2] == level[401]

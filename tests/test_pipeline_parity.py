@@ -1,6 +1,8 @@
 """Whole-pipeline parity: sdrt on ONNX Runtime vs diffusers' StableDiffusionPipeline, same tiny model, same seeds."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -9,6 +11,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from tiny_models import diffusers_reference  # noqa: E402
 
+from sdrt.backends import get_backend  # noqa: E402
 from sdrt.runtime.pipeline import Pipeline  # noqa: E402
 from sdrt.runtime.request import GenerationRequest  # noqa: E402
 from sdrt.runtime.samplers import scheduler_for  # noqa: E402
@@ -34,9 +37,9 @@ def reference_pipe(tiny_sd1_dir):
     return diffusers_reference(diffusers.StableDiffusionPipeline, tiny_sd1_dir)
 
 
-def diffusers_images(pipe, sampler: str, guidance: float) -> np.ndarray:
+def diffusers_images(pipe, sampler: str, guidance: float, config: dict | None = None) -> np.ndarray:
     cls_name, extra = scheduler_for(sampler)
-    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.base_scheduler_config, **extra)
+    pipe.scheduler = getattr(diffusers, cls_name).from_config(config or pipe.base_scheduler_config, **extra)
     generators = [torch.Generator("cpu").manual_seed(SEED + i) for i in range(BATCH)]
     out = pipe(
         PROMPT, negative_prompt=NEGATIVE, num_inference_steps=STEPS, guidance_scale=guidance,
@@ -98,3 +101,30 @@ def test_denoise_yields_every_step_and_can_stop(sdrt_pipe):
     first = next(gen)
     gen.close()
     np.testing.assert_array_equal(first.latents, steps[0].latents)
+
+
+# A scheduler config as PNDMScheduler saves it, with only the training keys: no clip_sample, set_alpha_to_one,
+# steps_offset or timestep_spacing (issue 14). Each sampler's class then uses its own defaults: DDIM clips x0.
+SILENT_KEYS = ("_class_name", "num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "prediction_type")
+
+
+def silent_scheduler_config(manifest) -> dict:
+    return {k: v for k, v in manifest.scheduler.items() if k in SILENT_KEYS}
+
+
+@pytest.fixture(scope="module")
+def silent_pipe(sdrt_pipe):
+    """The tiny bundle as if its manifest held the silent scheduler config (same ONNX files)."""
+    manifest = dataclasses.replace(sdrt_pipe.manifest, scheduler=silent_scheduler_config(sdrt_pipe.manifest))
+    with Pipeline(sdrt_pipe.root, manifest, get_backend("onnxruntime")) as pipe:
+        yield pipe
+
+
+def test_silent_scheduler_config_matches_diffusers(reference_pipe, silent_pipe, sdrt_pipe):
+    """diffusers' DDIMScheduler.from_config(silent config) clips x0 (its clip_sample default); so does sdrt. Every
+    other sampler's class defaults: test_samplers_clamp.py, step by step."""
+    ref = diffusers_images(reference_pipe, "DDIM", 7.5, config=silent_scheduler_config(silent_pipe.manifest))
+    ours = sdrt_images(silent_pipe, "DDIM", 7.5)
+    assert np.abs(ref - ours).max() <= PIXEL_TOL_FLOAT
+    # The defaults matter on this model: the bundle's own config (clip_sample false, steps_offset 1) differs.
+    assert np.abs(ours - sdrt_images(sdrt_pipe, "DDIM", 7.5)).max() > 0.05

@@ -6,7 +6,6 @@ from sdrt.bundle import Manifest, ModelInfo
 from sdrt.runtime.guidance import ClassifierFreeGuidance
 from sdrt.runtime.presets import KINDS, PRESETS, detect_kind, preset_for, scheduler_config
 from sdrt.runtime.samplers import make_schedule, resolve_sampler
-from sdrt.runtime.schedules import SchedulerConfig
 
 TIMESTEP_TOL = 0  # timesteps are integers in diffusers: equal exactly
 # runwayml/stable-diffusion-v1-5 scheduler_config.json (PNDM), the config LCM-LoRA and Turbo recipes start from.
@@ -82,11 +81,11 @@ def test_turbo_starts_at_the_last_training_timestep():
     # diffusers' EulerAncestralDiscreteScheduler(timestep_spacing="trailing").set_timesteps(1) -> [999]; the SD1.5
     # config's "leading" spacing would start one step at t = 1, nearly noise-free: an unusable single step.
     manifest = _manifest("sd-turbo")
-    config = SchedulerConfig.from_dict(scheduler_config(manifest, preset_for(manifest)))
-    assert config.timestep_spacing == "trailing"
+    config = scheduler_config(manifest, preset_for(manifest))
+    assert config["timestep_spacing"] == "trailing"
     np.testing.assert_array_equal(make_schedule("Euler a", config, 1).timesteps, [999])
     np.testing.assert_array_equal(make_schedule("Euler a", config, 4).timesteps, [999, 749, 499, 249])
-    leading = make_schedule("Euler a", SchedulerConfig.from_dict(SD15_SCHEDULER), 1)
+    leading = make_schedule("Euler a", SD15_SCHEDULER, 1)
     assert leading.timesteps[0] == 1
 
 
@@ -95,7 +94,7 @@ def test_lcm_preset_schedule_matches_diffusers():
     diffusers = pytest.importorskip("diffusers")
     manifest = _manifest("lcm-lora-sdv1-5")
     preset = preset_for(manifest)
-    ours = make_schedule(preset.sampler, SchedulerConfig.from_dict(scheduler_config(manifest, preset)), preset.steps)
+    ours = make_schedule(preset.sampler, scheduler_config(manifest, preset), preset.steps)
     reference = diffusers.LCMScheduler.from_config({k: v for k, v in SD15_SCHEDULER.items() if k != "_class_name"})
     reference.set_timesteps(preset.steps)
     np.testing.assert_allclose(ours.timesteps, reference.timesteps.numpy(), rtol=0, atol=TIMESTEP_TOL)

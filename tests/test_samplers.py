@@ -17,8 +17,8 @@ from diffusers.schedulers import scheduling_lms_discrete
 from diffusers.schedulers.scheduling_lms_discrete import LMSDiscreteScheduler
 from sdrt.runtime import schedules
 from sdrt.runtime.parametrization import parametrization
-from sdrt.runtime.samplers import SAMPLERS, make_schedule, sample, scheduler_for
-from sdrt.runtime.schedules import SchedulerConfig
+from sdrt.runtime.samplers import SAMPLERS, make_schedule, sample, sampler_spec, scheduler_for
+from sdrt.runtime.scheduler_classes import scheduler_class
 
 # diffusers' schedulers call np.array(torch_tensor), which numpy 2 flags on every set_timesteps.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
@@ -69,23 +69,23 @@ _ABAR = diffusers.DDIMScheduler.from_config(SD15_CONFIG).alphas_cumprod.numpy().
 DATA_STD = 0.5  # of the Gaussian "data" the fake model denoises
 
 
-def fake_eps(x_in: np.ndarray, t: float) -> np.ndarray:
+def fake_eps(x_in: np.ndarray, t: float, data_std: float = DATA_STD) -> np.ndarray:
     """A deterministic stand-in for the UNet: the ideal eps for Gaussian data, plus nonlinear and spatial terms.
 
     It sees the scaled (VP) input and the timestep, as the UNet does; being close to a real denoiser keeps
     the latents at SD-like magnitudes instead of blowing up.
     """
     abar = np.interp(t, np.arange(len(_ABAR)), _ABAR)
-    ideal = math.sqrt(1 - abar) * x_in / (abar * DATA_STD**2 + 1 - abar)
+    ideal = math.sqrt(1 - abar) * x_in / (abar * data_std**2 + 1 - abar)
     return ideal + 0.05 * np.tanh(x_in) + 0.02 * np.roll(x_in, 1, axis=-1) + 0.01 * t / 1000
 
 
-def denoiser_for(cfg: dict):
+def denoiser_for(cfg: dict, data_std: float = DATA_STD):
     """The caller's wrapper: scale the VE input to the UNet's VP input, convert its output (eps or v) to denoised."""
     denoised_from = parametrization(cfg.get("prediction_type", "epsilon"))
 
     def denoiser(x: np.ndarray, sigma: float, t: float) -> np.ndarray:
-        return denoised_from(x, fake_eps(x / math.sqrt(sigma**2 + 1), t), sigma)
+        return denoised_from(x, fake_eps(x / math.sqrt(sigma**2 + 1), t, data_std), sigma)
 
     return denoiser
 
@@ -174,12 +174,12 @@ def noise_source(name: str, seed: int):
     """draw(shape) -> float64 tensor: the stream diffusers' scheduler draws from the same seeded generator."""
     generator = torch.Generator().manual_seed(seed)
     # DPMSolverMultistepScheduler draws its SDE noise in float32 whatever the latents' dtype.
-    dtype = torch.float32 if scheduler_for(name)[0] == "DPMSolverMultistepScheduler" else torch.float64
+    dtype = torch.float32 if sampler_spec(name).scheduler == "DPMSolverMultistepScheduler" else torch.float64
     return lambda shape: torch.randn(shape, generator=generator, dtype=dtype).double()
 
 
 def run_diffusers(
-    name: str, cfg: dict, steps: int, start: np.ndarray, seed: int, eta: float, prepare=None
+    name: str, cfg: dict, steps: int, start: np.ndarray, seed: int, eta: float, prepare=None, data_std=DATA_STD
 ) -> list[np.ndarray]:
     """StableDiffusionPipeline's denoising loop around the diffusers scheduler, float64 latents.
 
@@ -198,31 +198,33 @@ def run_diffusers(
     out = []
     for t in scheduler.timesteps:
         x_in = scheduler.scale_model_input(latents, t)
-        eps = torch.from_numpy(fake_eps(x_in.numpy(), float(t)))
+        eps = torch.from_numpy(fake_eps(x_in.numpy(), float(t), data_std))
         latents = scheduler.step(eps, t, latents, **kwargs).prev_sample
         out.append(latents.numpy().copy())
     return out
 
 
-def run_sdrt(name: str, cfg: dict, steps: int, start: np.ndarray, seed: int, eta: float) -> list[np.ndarray]:
+def run_sdrt(
+    name: str, cfg: dict, steps: int, start: np.ndarray, seed: int, eta: float, data_std: float = DATA_STD
+) -> list[np.ndarray]:
     """The numpy sampler, its VE latents converted to diffusers' space (VP for the VP schedulers)."""
-    schedule = make_schedule(name, SchedulerConfig.from_dict(cfg), steps)
+    schedule = make_schedule(name, cfg, steps)
     draw = noise_source(name, seed)
 
     def noise(shape):
         return draw(shape).numpy()
 
     eta = eta if name == "ddim" else None  # the harness's eta is DDIM's; the others keep their default
-    xs = sample(name, denoiser_for(cfg), start * schedule.init_noise_sigma, schedule, noise, eta=eta)
-    vp = scheduler_for(name)[0] in VP_SCHEDULERS
+    xs = sample(name, denoiser_for(cfg, data_std), start * schedule.init_noise_sigma, schedule, noise, eta=eta)
+    vp = sampler_spec(name).scheduler in VP_SCHEDULERS
     return [x / math.sqrt(1 + s**2) if vp else x for x, s in zip(xs, schedule.sigmas[1:])]
 
 
-def max_step_errors(name, cfg, steps, eta=0.0, seed=0, prepare=None) -> np.ndarray:
+def max_step_errors(name, cfg, steps, eta=0.0, seed=0, prepare=None, data_std=DATA_STD) -> np.ndarray:
     """Max abs latent difference after every model evaluation, asserting both sides took the same number."""
     start = np.random.default_rng(seed).standard_normal(SHAPE)
-    ref = run_diffusers(name, cfg, steps, start, seed + 1, eta, prepare)
-    ours = run_sdrt(name, cfg, steps, start, seed + 1, eta)
+    ref = run_diffusers(name, cfg, steps, start, seed + 1, eta, prepare, data_std)
+    ours = run_sdrt(name, cfg, steps, start, seed + 1, eta, data_std)
     assert len(ours) == len(ref)
     return np.array([np.abs(a - b).max() for a, b in zip(ours, ref)])
 
@@ -273,7 +275,7 @@ def assert_schedule_matches(name: str, cfg: dict, steps: int, rtol: float | None
     """Timesteps, sigmas and init_noise_sigma of sdrt's schedule equal diffusers' (see SIGMA_RTOL)."""
     ref = diffusers_scheduler(name, cfg, steps)
     scheduler_class = scheduler_for(name)[0]
-    schedule = make_schedule(name, SchedulerConfig.from_dict(cfg), steps)
+    schedule = make_schedule(name, cfg, steps)
     if rtol is None:
         rtol = STAGE_RTOL if scheduler_class == "KDPM2AncestralDiscreteScheduler" else SIGMA_RTOL
     ref_timesteps = ref.timesteps.numpy().astype(np.float64)
@@ -317,21 +319,15 @@ def interleave(steps, stages, final) -> np.ndarray:
 def test_alphas_cumprod_bitwise(beta_schedule):
     cfg = config_dict(None, beta_schedule=beta_schedule)
     ref = diffusers.DDIMScheduler.from_config(cfg).alphas_cumprod.numpy()
-    np.testing.assert_array_equal(schedules.alphas_cumprod(SchedulerConfig.from_dict(cfg)), ref)
+    np.testing.assert_array_equal(schedules.alphas_cumprod(scheduler_class("DDIMScheduler").resolve(cfg)), ref)
 
 
 def test_default_spacing_follows_each_diffusers_class():
     for name, spec in SAMPLERS.items():
         expected = diffusers_class(spec.scheduler).from_config(SD15_CONFIG).config.timestep_spacing
-        assert SchedulerConfig.from_dict(SD15_CONFIG).spacing(spec.scheduler) == expected, name
+        assert scheduler_class(spec.scheduler).resolve(SD15_CONFIG, spec.options).timestep_spacing == expected, name
 
 
-def test_config_from_dict_ignores_unknown_keys():
-    assert SchedulerConfig.from_dict(dict(SD15_CONFIG, some_future_key=3)) == SchedulerConfig()
-
-
-def test_unsupported_flags_refused_only_where_diffusers_honours_them():
-    clipped = SchedulerConfig.from_dict(dict(SD15_CONFIG, clip_sample=True))
-    with pytest.raises(NotImplementedError, match="clip_sample"):
-        make_schedule("ddim", clipped, 10)
-    assert make_schedule("euler", clipped, 10).steps == 10  # EulerDiscreteScheduler has no clip_sample
+def test_resolve_ignores_unknown_keys():
+    record = scheduler_class("EulerDiscreteScheduler")
+    assert record.resolve(dict(SD15_CONFIG, some_future_key=3)) == record.resolve(SD15_CONFIG)

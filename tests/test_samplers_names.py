@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from sdrt.runtime.samplers import (
-    SAMPLERS, SCHEDULE_TYPES, resolve_sampler, sampler_label, schedule_label, schedule_types_for, scheduler_for,
+    SAMPLERS, SCHEDULE_TYPES, resolve_sampler, sampler_for_config, sampler_label, sampler_name, schedule_label,
+    schedule_source, schedule_types_for, scheduler_for,
 )
 
 
@@ -39,6 +40,9 @@ def test_resolve_sampler_aliases(label, canonical):
         ("DPM++ 2M", "Karras", "dpmpp_2m_karras"), ("DPM++ 2M", "Automatic", "dpmpp_2m"), ("Euler", None, "euler"),
         ("Euler a", "SGM Uniform", "euler_ancestral_sgm_uniform"), ("UniPC", "exponential", "unipc_exponential"),
         ("DPM++ 2M Karras", "Karras", "dpmpp_2m_karras"), ("DPM++ 2M Karras", "automatic", "dpmpp_2m_karras"),
+        ("Euler a", "Karras", "euler_ancestral_karras"), ("DPM++ 2M", "Polyexponential", "dpmpp_2m_polyexponential"),
+        ("Heun", "KL Optimal", "heun_kl_optimal"), ("DPM2", "Align Your Steps", "dpm_2_align_your_steps"),
+        ("Euler", "DDIM", "euler_ddim"), ("LMS", "SGMUniform", "lms_sgm_uniform"), ("UniPC", "Beta", "unipc_beta"),
     ],
 )
 def test_schedule_type_given_apart(sampler, schedule, canonical):
@@ -48,11 +52,11 @@ def test_schedule_type_given_apart(sampler, schedule, canonical):
 @pytest.mark.parametrize(
     "sampler, schedule, message",
     [
-        ("Euler a Karras", None, "Euler a has no Karras schedule in diffusers"),
+        ("UniPC KL Optimal", None, "UniPC has no KL Optimal schedule"),
         ("LCM", "SGM Uniform", "LCM has no SGM Uniform"),
         ("DDIM", "Exponential", "offered: SGM Uniform"),
         ("DPM++ 2M Karras", "Exponential", "already names schedule type"),
-        ("DPM++ 2M", "Polyexponential", "unknown schedule type"),
+        ("DPM++ 2M", "Karras Exponential", "unknown schedule type"),
         ("DPM++ 3M SDE", None, "unknown sampler"),
     ],
 )
@@ -70,6 +74,8 @@ def test_unknown_sampler_lists_valid_names():
 
 def test_labels():
     assert sampler_label("dpmpp_2m_karras") == "DPM++ 2M Karras"
+    assert sampler_name("dpmpp_2m_karras") == "DPM++ 2M"  # A1111 1.9+'s "Sampler" field
+    assert sampler_name("Euler a KL Optimal") == "Euler a" and schedule_label("Euler a KL Optimal") == "KL Optimal"
     assert sampler_label("DPM++ 2M", ) == "DPM++ 2M"
     assert sampler_label("euler_sgm_uniform") == "Euler SGM Uniform"
     assert schedule_label("dpmpp_2m_karras") == "Karras"
@@ -81,8 +87,45 @@ def test_labels():
 
 
 def test_scheduler_for_combines_sampler_and_schedule_overrides():
-    assert scheduler_for("DPM++ 2M SDE Karras") == (
-        "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": True}
-    )
+    assert scheduler_for("DPM++ 2M SDE Karras") == ("DPMSolverMultistepScheduler", {
+        "algorithm_type": "sde-dpmsolver++", "solver_type": "midpoint", "solver_order": 2, "use_karras_sigmas": True})
     assert scheduler_for("Euler SGM Uniform") == ("EulerDiscreteScheduler", {"timestep_spacing": "trailing"})
-    assert set(SCHEDULE_TYPES) == {"karras", "exponential", "sgm_uniform"}
+    with pytest.raises(ValueError, match="runs A1111's Karras schedule"):
+        scheduler_for("Euler a Karras")  # EulerAncestralDiscreteScheduler has no Karras sigmas
+
+
+def test_schedule_types_are_a1111s():
+    """A1111 1.9+'s list (modules/sd_schedulers.py), in its order."""
+    assert [t.label for t in SCHEDULE_TYPES.values()] == [
+        "Uniform", "Karras", "Exponential", "Polyexponential", "SGM Uniform", "KL Optimal", "Align Your Steps",
+        "Simple", "Normal", "DDIM", "Beta"]
+
+
+@pytest.mark.parametrize("name, source", [
+    ("DPM++ 2M Karras", "diffusers"), ("Euler a Karras", "a1111"), ("Euler a Beta", "a1111"),
+    ("Heun Beta", "diffusers"), ("Euler SGM Uniform", "diffusers"), ("Euler Uniform", "a1111"), ("DDIM", "diffusers"),
+    ("DPM++ 2S a Normal", "a1111"),
+])
+def test_schedule_source(name, source):
+    """A schedule type is diffusers' where the sampler's class has it (parity tests), A1111's otherwise."""
+    assert schedule_source(name) == source
+
+
+def test_diffusers_only_samplers_keep_what_diffusers_offers():
+    for name in ("pndm", "ddim", "unipc", "deis", "lcm"):
+        assert all(schedule_source(resolve_sampler(name, t)) == "diffusers" for t in schedule_types_for(name)), name
+
+
+@pytest.mark.parametrize("config, sampler", [
+    ({"_class_name": "PNDMScheduler"}, "pndm"),
+    ({"_class_name": "DPMSolverMultistepScheduler"}, "dpmpp_2m"),
+    ({"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++"}, "dpmpp_2m_sde"),
+    ({"_class_name": "DPMSolverMultistepScheduler", "algorithm_type": "sde-dpmsolver++", "solver_type": "heun"},
+     "dpmpp_2m_sde_heun"),
+    ({"_class_name": "DPMSolverMultistepScheduler", "use_karras_sigmas": True}, "dpmpp_2m_karras"),
+    ({"_class_name": "DDIMScheduler", "use_karras_sigmas": True}, "ddim"),  # DDIM has no Karras sigmas
+    ({"_class_name": "KDPM2AncestralDiscreteScheduler"}, "dpm_2_ancestral"),
+])
+def test_sampler_for_config(config, sampler):
+    """A bundle's own scheduler: the class's sampler whose algorithm options its config agrees with."""
+    assert sampler_for_config(config) == sampler

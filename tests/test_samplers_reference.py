@@ -12,14 +12,18 @@ import numpy as np
 import pytest
 import torch
 from test_samplers import (
-    SHAPE, STEP_TOL, SchedulerConfig, config_dict, denoiser_for, noise_source,
+    SHAPE, STEP_TOL, config_dict, denoiser_for, noise_source,
 )
 
-from sdrt.runtime.samplers import make_schedule, resolve_sampler, sample, schedule_types_for
+from sdrt.runtime.samplers import make_schedule, resolve_sampler, sample, schedule_source, schedule_types_for
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
-NAMES = ["dpmpp_2s_ancestral"] + [resolve_sampler("DPM++ 2S a", t) for t in schedule_types_for("DPM++ 2S a")]
+# On the diffusers schedule types of its KDPM2A schedule; A1111's: test_sigma_schedules.py.
+NAMES = ["dpmpp_2s_ancestral"] + [
+    n for n in (resolve_sampler("DPM++ 2S a", t) for t in schedule_types_for("DPM++ 2S a"))
+    if schedule_source(n) == "diffusers"
+]
 
 
 def k_diffusion_ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.0) -> tuple[float, float]:
@@ -67,7 +71,7 @@ def test_dpmpp_2s_ancestral_matches_k_diffusion_every_step(name, steps):
     cfg = config_dict(None)
     # The schedule (KDPM2AncestralDiscreteScheduler's, checked against it in test_samplers.py) is shared: this
     # tests the integrator. diffusers' own stage levels differ from it by up to STAGE_RTOL (float32 cancellation).
-    schedule = make_schedule(name, SchedulerConfig.from_dict(cfg), steps)
+    schedule = make_schedule(name, cfg, steps)
     start = np.random.default_rng(0).standard_normal(SHAPE)
     x0 = torch.from_numpy(start) * schedule.init_noise_sigma
     ref = [x.numpy() for x in reference_dpmpp_2s_ancestral(
@@ -83,7 +87,7 @@ def test_dpmpp_2s_ancestral_matches_k_diffusion_every_step(name, steps):
 
 def test_dpmpp_2s_ancestral_differs_from_dpm_2_ancestral():
     """Same schedule, different integrator: guards against the registry pointing both at one function."""
-    config = SchedulerConfig.from_dict(config_dict(None))
+    config = config_dict(None)
     schedule = make_schedule("DPM++ 2S a", config, 6)
     start = np.random.default_rng(0).standard_normal(SHAPE) * schedule.init_noise_sigma
     runs = []

@@ -17,7 +17,7 @@ from sdrt.runtime.resize import RESIZE_MODES
 
 def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     from sdrt.runtime.presets import KINDS
-    from sdrt.runtime.samplers import SAMPLERS
+    from sdrt.runtime.samplers import SAMPLERS, SCHEDULE_TYPES
 
     p = sub.add_parser("generate", parents=[common], help="generate images from a prompt (no torch needed)",
                        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -37,7 +37,8 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--kind", choices=list(KINDS), help="model kind whose defaults apply (default: the bundle's)")
     p.add_argument("--sampler", help=f"one of: {', '.join(s.label for s in SAMPLERS.values())} (default: the "
                    "bundle's scheduler)")
-    p.add_argument("--schedule", help="A1111 schedule type: Karras, Exponential, SGM Uniform (default: the sampler's)")
+    p.add_argument("--schedule", help="A1111 schedule type: " + ", ".join(t.label for t in SCHEDULE_TYPES.values())
+                   + " (A1111's for k-diffusion samplers; default: Automatic, the sampler's own)")
     p.add_argument("--cfg-rescale", dest="guidance_rescale", type=float, default=0.0,
                    help="guidance rescale phi for zero-terminal-SNR models (0.7 in the paper; default 0: off)")
     p.add_argument("--seed-mode", choices=["cpu", "gpu"], default="cpu",

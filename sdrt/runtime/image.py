@@ -2,6 +2,7 @@
 the checks on an output path (sdrt.runtime.outputs writes the files)."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -25,9 +26,10 @@ def to_pil(decoded: np.ndarray) -> list[Image.Image]:
 
 
 def _quote(value: object) -> str:
-    # A1111 quotes values that would break its "key: value, key: value" line (modules/infotext_utils.py).
+    # A1111's infotext_utils.quote: a value that would break its "key: value, key: value" line (a comma, colon or
+    # newline) is written as a JSON string, which its parse_generation_parameters unquotes with json.loads.
     text = str(value)
-    return '"' + text.replace('"', '\\"') + '"' if any(c in text for c in ',:"\n') else text
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ',:\n') else text
 
 
 def infotext(prompt: str, negative_prompt: str, fields: dict[str, object]) -> str:

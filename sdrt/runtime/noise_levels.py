@@ -8,35 +8,15 @@ numpy only: this module must not import torch.
 
 from __future__ import annotations
 
-import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
+from .beta_distribution import beta_ppf
+
 F32 = np.float32
-
-# Each diffusers scheduler class's own `timestep_spacing` default, used when the config has no such key
-# (SD1.5's scheduler_config.json has none).
-DEFAULT_SPACING = {
-    "PNDMScheduler": "leading",
-    "DDIMScheduler": "leading",
-    "LCMScheduler": "leading",
-    "EulerDiscreteScheduler": "linspace",
-    "EulerAncestralDiscreteScheduler": "linspace",
-    "LMSDiscreteScheduler": "linspace",
-    "HeunDiscreteScheduler": "linspace",
-    "KDPM2DiscreteScheduler": "linspace",
-    "KDPM2AncestralDiscreteScheduler": "linspace",
-    "DPMSolverSDEScheduler": "linspace",
-    "DPMSolverMultistepScheduler": "linspace",
-    "UniPCMultistepScheduler": "linspace",
-    "DEISMultistepScheduler": "linspace",
-}
-
-# Chosen by the sampler name (an A1111 schedule type), never read from a bundle's scheduler_config.json:
-# "DPM++ 2M" must mean the same schedule whatever scheduler class the checkpoint was saved with.
-SAMPLER_CHOSEN = ("use_karras_sigmas", "use_exponential_sigmas")
 
 # alphas_cumprod[-1] under rescale_betas_zero_snr: diffusers' Euler/DPM/UniPC set it so that the first sigma
 # is finite ("FP16 smallest positive subnormal"); VE-space sampling cannot hold sigma = inf.
@@ -45,55 +25,48 @@ ZERO_SNR_LAST_ALPHA_CUMPROD = 2.0**-24
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """The scheduler_config.json fields that shape the schedule; defaults (and missing keys) are SD1.5's values."""
+    """The scheduler config keys sdrt reproduces, resolved for one diffusers class (scheduler_classes.resolve):
+    the bundle's value where it has the key, else that class's __init__ default, as diffusers' from_config does.
+
+    A field's default here is only the value for a class that has no such key (the key then has no effect).
+    """
 
     num_train_timesteps: int = 1000
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
     trained_betas: tuple[float, ...] | None = None
-    steps_offset: int = 1
-    timestep_spacing: str | None = None
+    steps_offset: int = 0
+    timestep_spacing: str = "linspace"
     set_alpha_to_one: bool = False
     prediction_type: str = "epsilon"
     rescale_betas_zero_snr: bool = False  # Lin et al. 2023, arXiv:2305.08891 algorithm 1
-    # DPMSolverMultistepScheduler / UniPC / DEIS / EulerDiscreteScheduler (their class defaults).
+    # DPMSolverMultistepScheduler / UniPC / DEIS / EulerDiscreteScheduler.
+    solver_order: int = 2
     lower_order_final: bool = True
     euler_at_final: bool = False
     final_sigmas_type: str = "zero"
-    # LCMScheduler (its class default).
+    # LCMScheduler.
     original_inference_steps: int = 50
-    # The sigma discretization (A1111 schedule type), set from the sampler name: see SAMPLER_CHOSEN.
+    # The sigma discretization (A1111 schedule type), set from the sampler name (scheduler_classes.SAMPLER_CHOSEN).
     use_karras_sigmas: bool = False
     use_exponential_sigmas: bool = False
-    # Read only to refuse them: see schedules.UNSUPPORTED_FLAGS.
+    use_beta_sigmas: bool = False
+    # What the class does to each predicted x0 (x0_clamp.py): DDIM, LCM, Heun clip; DDIM, LCM, DPM-Solver, UniPC
+    # and DEIS threshold (Saharia et al. 2022, Imagen sec. 2.3).
     clip_sample: bool = False
+    clip_sample_range: float = 1.0
     thresholding: bool = False
-
-    @classmethod
-    def from_dict(cls, d: dict) -> SchedulerConfig:
-        """Build from a diffusers scheduler_config.json dict, ignoring unknown and sampler-chosen keys."""
-        names = {f.name for f in dataclasses.fields(cls)} - set(SAMPLER_CHOSEN)
-        kwargs = {k: v for k, v in d.items() if k in names}
-        if kwargs.get("trained_betas") is not None:
-            kwargs["trained_betas"] = tuple(kwargs["trained_betas"])
-        return cls(**kwargs)
-
-    def with_overrides(self, overrides: dict) -> SchedulerConfig:
-        """A copy with the diffusers config overrides that are schedule fields (others, e.g. solver_type, skipped)."""
-        names = {f.name for f in dataclasses.fields(self)}
-        return dataclasses.replace(self, **{k: v for k, v in overrides.items() if k in names})
-
-    def spacing(self, scheduler: str) -> str:
-        """The timestep spacing diffusers' `scheduler` class uses with this config."""
-        return self.timestep_spacing or DEFAULT_SPACING[scheduler]
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
 
     def sigma_kind(self) -> str | None:
-        """'karras', 'exponential' or None (the spacing's own sigmas)."""
-        flags = {"karras": self.use_karras_sigmas, "exponential": self.use_exponential_sigmas}
+        """'karras', 'exponential', 'beta' or None (the spacing's own sigmas)."""
+        flags = {"karras": self.use_karras_sigmas, "exponential": self.use_exponential_sigmas,
+                 "beta": self.use_beta_sigmas}
         kinds = [kind for kind, on in flags.items() if on]
         if len(kinds) > 1:
-            raise ValueError(f"only one of Karras and exponential sigmas can be used, got {kinds}")
+            raise ValueError(f"only one of Karras, exponential and beta sigmas can be used, got {kinds}")
         return kinds[0] if kinds else None
 
 
@@ -108,6 +81,7 @@ class Schedule:
     sigmas_from / sigmas_to: the interval each DDIM/PNDM step integrates over; they differ from
     sigmas[:-1] / sigmas[1:] where diffusers' prev_timestep = t - T // steps leaves the timestep grid.
     orders: the solver order of each step for multistep samplers (DPM-Solver++, UniPC, DEIS).
+    clamp_x0: what the scheduler class does to each predicted x0 (clip or threshold; x0_clamp.py), or None.
     """
 
     sigmas: np.ndarray
@@ -116,6 +90,7 @@ class Schedule:
     sigmas_from: np.ndarray | None = None
     sigmas_to: np.ndarray | None = None
     orders: tuple[int, ...] | None = None
+    clamp_x0: Callable[[np.ndarray], np.ndarray] | None = None
 
     def __post_init__(self):
         n = len(self.timesteps)
@@ -142,7 +117,7 @@ class Schedule:
 
         orders = None if self.orders is None else tuple(min(o, j + 1) for j, o in enumerate(self.orders[begin:]))
         return Schedule(self.sigmas[begin:], self.timesteps[begin:], self.init_noise_sigma,
-                        cut(self.sigmas_from), cut(self.sigmas_to), orders)
+                        cut(self.sigmas_from), cut(self.sigmas_to), orders, self.clamp_x0)
 
 
 # ---- training noise schedule (diffusers' __init__) ----
@@ -179,7 +154,8 @@ def betas(config: SchedulerConfig) -> np.ndarray:
         return _torch_linspace_f32(config.beta_start**0.5, config.beta_end**0.5, n) ** 2
     if config.beta_schedule == "squaredcos_cap_v2":
         return _cosine_betas(n)
-    raise NotImplementedError(f"beta_schedule {config.beta_schedule!r} is not supported")
+    raise ValueError(f"beta_schedule {config.beta_schedule!r} is not one of 'linear', 'scaled_linear', "
+                     "'squaredcos_cap_v2'")
 
 
 def _cumprod_f32(alphas: np.ndarray) -> np.ndarray:
@@ -274,7 +250,13 @@ def exponential_sigmas(sigma_min: float, sigma_max: float, steps: int) -> np.nda
     return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), steps))
 
 
-SIGMA_KINDS = {"karras": karras_sigmas, "exponential": exponential_sigmas}
+def beta_sigmas(sigma_min: float, sigma_max: float, steps: int, alpha: float = 0.6, beta: float = 0.6) -> np.ndarray:
+    """Lee et al. 2024 (arXiv:2407.12173): sigmas at Beta(0.6, 0.6) quantiles (diffusers' _convert_to_beta,
+    A1111's beta_scheduler with its default alpha = beta = 0.6)."""
+    return sigma_min + beta_ppf(1 - np.linspace(0, 1, steps), alpha, beta) * (sigma_max - sigma_min)
+
+
+SIGMA_KINDS = {"karras": karras_sigmas, "exponential": exponential_sigmas, "beta": beta_sigmas}
 
 
 def convert_sigmas(kind: str, descending: np.ndarray, steps: int) -> np.ndarray:

@@ -27,7 +27,7 @@ from sdrt.runtime.prompts import prompt_embeddings
 from sdrt.runtime.request import GenerationRequest, scheduler_settings
 from sdrt.runtime.cfg_rescale import rescale_noise_cfg
 from sdrt.runtime.safety import SafetyChecker, blacken
-from sdrt.runtime.samplers import make_schedule, sample, sampler_label, schedule_label
+from sdrt.runtime.samplers import make_schedule, sample, sampler_name, schedule_label
 from sdrt.runtime.schedules import Schedule
 from sdrt.runtime.tokenizer import ClipTokenizer
 from sdrt.runtime.watermark import fits_watermark, embed_watermark, watermark_payload
@@ -289,7 +289,7 @@ class Pipeline:
         has_checker = "safety_checker" in self.manifest.components
         fields = {
             "Steps": req.steps,
-            "Sampler": sampler_label(req.sampler),
+            "Sampler": sampler_name(req.sampler),  # A1111 1.9+: the schedule type is its own field
             "Schedule type": schedule_label(req.sampler),
             "CFG scale": f"{req.guidance_scale:g}",
             "Seed": seed,

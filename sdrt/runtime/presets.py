@@ -5,6 +5,7 @@ import re
 from dataclasses import dataclass, field
 
 from sdrt.bundle import Manifest
+from sdrt.runtime.scheduler_classes import SCHEDULER_CLASSES
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,6 @@ PRESETS = {
 }
 KINDS = tuple(PRESETS)
 
-# Scheduler classes that only a distilled model is saved with.
-_KIND_OF_SCHEDULER = {"LCMScheduler": "lcm"}
 # Whole words in a model name (as diffusers repos are named: "lcm-lora-sdv1-5", "sd-turbo", "LCM_Dreamshaper_v7").
 _KIND_OF_NAME_WORD = {"lcm": "lcm", "turbo": "turbo"}
 
@@ -63,9 +62,10 @@ def detect_kind(manifest: Manifest) -> str:
         if explicit not in PRESETS:
             raise ValueError(f"bundle declares model kind {explicit!r}; known kinds: {', '.join(KINDS)}")
         return explicit
-    by_scheduler = _KIND_OF_SCHEDULER.get(manifest.scheduler.get("_class_name", ""))
-    if by_scheduler:
-        return by_scheduler
+    # Scheduler classes that only a distilled model is saved with (their records' kind).
+    record = SCHEDULER_CLASSES.get(manifest.scheduler.get("_class_name", ""))
+    if record is not None and record.kind != "standard":
+        return record.kind
     words = re.split(r"[^a-z0-9]+", manifest.model.name.lower())
     return next((_KIND_OF_NAME_WORD[w] for w in words if w in _KIND_OF_NAME_WORD), "standard")
 
@@ -79,5 +79,7 @@ def preset_for(manifest: Manifest, kind: str | None = None) -> Preset:
 
 
 def scheduler_config(manifest: Manifest, preset: Preset) -> dict:
-    """The bundle's scheduler config with the preset's overrides applied."""
-    return {**manifest.scheduler, **preset.scheduler_overrides}
+    """The bundle's scheduler config with the preset's overrides applied (an override of None removes the key, so
+    the scheduler class's own default applies)."""
+    merged = {**manifest.scheduler, **preset.scheduler_overrides}
+    return {k: v for k, v in merged.items() if not (v is None and k in preset.scheduler_overrides)}

@@ -16,8 +16,7 @@ from sdrt.runtime.noise import SEED_MODES
 from sdrt.runtime.presets import preset_for, scheduler_config
 from sdrt.runtime.prompts import check_prompt
 from sdrt.runtime.resize import resize, resize_mode_name, rounded_size
-from sdrt.runtime.samplers import make_schedule, resolve_sampler
-from sdrt.runtime.schedules import SchedulerConfig
+from sdrt.runtime.samplers import make_schedule, resolve_sampler, sampler_for_config
 
 MAX_STEPS = 1000
 MAX_NAME = 64  # sampler, schedule and kind names: sampler labels with a schedule type are under 30 characters
@@ -38,7 +37,7 @@ class GenerationRequest:
     steps: int | None = None  # None: the model kind's preset (25 standard, 4 LCM, 1 turbo)
     guidance_scale: float | None = None  # None: the preset's (7.5 standard; LCM and turbo: off)
     sampler: str | None = None
-    schedule: str | None = None  # A1111's "Schedule type" (Karras, Exponential, SGM Uniform); None: the sampler's
+    schedule: str | None = None  # A1111's "Schedule type" (Karras, Exponential, KL Optimal...); None: the sampler's
     seed: int | None = None  # None or -1 (A1111's "random"): a random seed, fixed by `resolve`
     seed_mode: str = "cpu"  # "cpu": torch's CPU generator (diffusers); "gpu": torch's CUDA Philox (A1111's default)
     batch_size: int = 1
@@ -247,15 +246,14 @@ def _check_size(manifest: Manifest, what: str, value: object) -> None:
         )
 
 
-def scheduler_settings(manifest: Manifest, kind: str) -> SchedulerConfig:
+def scheduler_settings(manifest: Manifest, kind: str) -> dict:
     """The bundle's scheduler config with the model kind's overrides (turbo: trailing timesteps)."""
-    return SchedulerConfig.from_dict(scheduler_config(manifest, preset_for(manifest, kind)))
+    return scheduler_config(manifest, preset_for(manifest, kind))
 
 
 def default_sampler(config: dict) -> str:
     """The sampler reproducing the bundle's own scheduler class (PNDM for SD 1.x), as diffusers would use."""
-    schedule = "Karras" if config.get("use_karras_sigmas") else None
     try:
-        return resolve_sampler(config.get("_class_name", ""), schedule)
+        return sampler_for_config(config)
     except ValueError:
         return "pndm"

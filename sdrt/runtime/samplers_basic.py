@@ -34,7 +34,7 @@ PLMS_WEIGHTS = {
 LMS_ORDER = 4  # LMSDiscreteScheduler.step(order=4), k-diffusion sample_lms(order=4)
 # LCMScheduler's boundary condition (Song et al. 2023 consistency models, eq. 8 with LCM's scaled timestep).
 LCM_SIGMA_DATA = 0.5
-LCM_TIMESTEP_SCALING = 10.0  # LCMScheduler's class default; every published LCM config keeps it
+LCM_TIMESTEP_SCALING = 10.0  # LCMScheduler's default; other values are refused (scheduler_classes.py)
 
 
 def emit(x: np.ndarray) -> Generator[np.ndarray, "np.ndarray | None", np.ndarray]:
@@ -110,19 +110,25 @@ def sample_euler_ancestral(
 
 
 def sample_ddim(
-    model: Denoiser, x: np.ndarray, schedule: Schedule, noise: NoiseFn | None = None, eta: float = 0.0
+    model: Denoiser, x: np.ndarray, schedule: Schedule, noise: NoiseFn | None = None, eta: float = 0.0,
+    clamp_x0: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Steps:
-    """DDIM (Song et al. 2020 eq. 12): in VE space an ancestral Euler step, deterministic at eta = 0."""
+    """DDIM (Song et al. 2020 eq. 12): in VE space an ancestral Euler step, deterministic at eta = 0.
+
+    clamp_x0: DDIMScheduler's clip_sample / thresholding, applied to the predicted x0 only: the step keeps the
+    model's own eps (step(): pred_epsilon is not recomputed from the clipped x0).
+    """
     sigmas, ts = schedule.sigmas.tolist(), schedule.timesteps.tolist()
     s_from, s_to = _transfer_levels(schedule)
     if eta > 0:
         noise = need_noise(noise, "sample_ddim with eta > 0")
     for i, t in enumerate(ts):
-        eps = to_d(x, sigmas[i], model(x, sigmas[i], t))
-        x = relabel(x, sigmas[i], s_from[i])
+        denoised = model(x, sigmas[i], t)
+        eps = to_d(x, sigmas[i], denoised)
+        x0 = denoised if clamp_x0 is None else clamp_x0(denoised)
         # DDIMScheduler.step: x_prev = sqrt(a') x0 + sqrt(1 - a' - std^2) eps + std z, divided by sqrt(a').
         sigma_down, sigma_up = get_ancestral_step(s_from[i], s_to[i], eta)
-        x = x + eps * (sigma_down - s_from[i])
+        x = x0 + eps * sigma_down
         if eta > 0:
             x = x + noise(x.shape) * sigma_up
         x = relabel(x, s_to[i], sigmas[i + 1])

@@ -1,7 +1,9 @@
 """Noise schedules replicating each diffusers scheduler class's `set_timesteps`, expressed as VE (k-diffusion) sigmas.
 
-One builder per diffusers class, `builder(config, steps) -> Schedule`; the numbers they start from (training
-betas, spacings, Karras/exponential sigmas) are in `noise_levels.py`. numpy only: this module must not import torch.
+One builder per diffusers class, `builder(config, steps) -> Schedule`, from a config already resolved for that
+class (scheduler_classes.py, where each class's record names its builder); the numbers they start from
+(training betas, spacings, Karras/exponential/beta sigmas) are in `noise_levels.py`. numpy only: this module
+must not import torch.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ import numpy as np
 
 from .noise_levels import (
     F32,
-    SAMPLER_CHOSEN,
     Schedule,
     SchedulerConfig,
     alphas_cumprod,
@@ -25,45 +26,12 @@ from .noise_levels import (
     vp_to_ve,
 )
 
-__all__ = ["Schedule", "SchedulerConfig", "build_schedule", "skipped_steps", "BUILDERS", "alphas_cumprod"]
-
-# Config flags each diffusers class honours that this module does not reproduce (only False is supported).
-UNSUPPORTED_FLAGS = {
-    "DDIMScheduler": ("clip_sample", "thresholding"),
-    "LCMScheduler": ("clip_sample", "thresholding", "rescale_betas_zero_snr"),
-    "HeunDiscreteScheduler": ("clip_sample",),
-    "DPMSolverMultistepScheduler": ("thresholding",),
-    "UniPCMultistepScheduler": ("thresholding",),
-    "DEISMultistepScheduler": ("thresholding",),
-}
-
-# Classes whose __init__ honours rescale_betas_zero_snr (the others ignore the key, and so do we). DDIM keeps
-# alphas_cumprod[-1] = 0 there; we clamp it to 2**-24 like the others (see noise_levels), which VE space needs.
-ZERO_SNR_CLASSES = frozenset({
-    "DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-    "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
-})
-
-# Classes with use_karras_sigmas / use_exponential_sigmas in diffusers 0.42 (not DDIM, PNDM, Euler a, LCM).
-SIGMA_KIND_CLASSES = frozenset({
-    "EulerDiscreteScheduler", "LMSDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
-    "KDPM2AncestralDiscreteScheduler", "DPMSolverSDEScheduler", "DPMSolverMultistepScheduler",
-    "UniPCMultistepScheduler", "DEISMultistepScheduler",
-})
-
-# diffusers' `scheduler.order`, model evaluations per step, where it is not 1: get_timesteps skips order * t_start.
-SCHEDULER_ORDER = {
-    "HeunDiscreteScheduler": 2, "KDPM2DiscreteScheduler": 2, "KDPM2AncestralDiscreteScheduler": 2,
-    "DPMSolverSDEScheduler": 2,
-}
-
-# Classes whose timesteps ignore config.timestep_spacing (LCM picks from its own 50-step grid): no SGM Uniform.
-NO_SPACING_CLASSES = frozenset({"LCMScheduler"})
+__all__ = ["Schedule", "SchedulerConfig", "skipped_steps", "alphas_cumprod"]
 
 
-def _abar(config: SchedulerConfig, scheduler: str) -> np.ndarray:
-    """alphas_cumprod as `scheduler`'s __init__ computes it from this config."""
-    return alphas_cumprod(config, zero_snr=config.rescale_betas_zero_snr and scheduler in ZERO_SNR_CLASSES)
+def _abar(config: SchedulerConfig) -> np.ndarray:
+    """alphas_cumprod as the class's __init__ computes it from this (resolved) config."""
+    return alphas_cumprod(config, zero_snr=config.rescale_betas_zero_snr)
 
 
 # ---- DDIM / PNDM: integer timesteps, VP final alpha, off-grid step targets ----
@@ -71,7 +39,7 @@ def _abar(config: SchedulerConfig, scheduler: str) -> np.ndarray:
 
 def ddim_schedule(config: SchedulerConfig, steps: int) -> Schedule:
     """DDIMScheduler.set_timesteps; each step goes to prev_timestep = t - T // steps."""
-    return _ddpm_family(config, steps, "DDIMScheduler", repeat_second=False)
+    return _ddpm_family(config, steps, repeat_second=False)
 
 
 def pndm_schedule(config: SchedulerConfig, steps: int, begin: int = 0) -> Schedule:
@@ -80,23 +48,21 @@ def pndm_schedule(config: SchedulerConfig, steps: int, begin: int = 0) -> Schedu
     begin: the first evaluation kept (img2img). PNDM's special second step goes by its step counter, not by
     timestep, so a truncated schedule re-applies it to whatever timestep comes second, as diffusers does.
     """
-    return _ddpm_family(config, steps, "PNDMScheduler", repeat_second=True, begin=begin)
+    return _ddpm_family(config, steps, repeat_second=True, begin=begin)
 
 
-def _ddpm_family(
-    config: SchedulerConfig, steps: int, scheduler: str, *, repeat_second: bool, begin: int = 0
-) -> Schedule:
+def _ddpm_family(config: SchedulerConfig, steps: int, *, repeat_second: bool, begin: int = 0) -> Schedule:
     """Shared DDIM/PNDM schedule."""
     if steps > config.num_train_timesteps:
         raise ValueError(f"steps must be <= num_train_timesteps={config.num_train_timesteps}, got {steps}")
-    ac = _abar(config, scheduler)
+    ac = _abar(config)
     final = 1.0 if config.set_alpha_to_one else float(ac[0])
     ratio = config.num_train_timesteps // steps
 
     def sigma_at(t: int) -> float:
         return vp_to_ve(ac[t] if t >= 0 else final)
 
-    grid = spaced_timesteps(config.spacing(scheduler), config, steps, linspace="round").astype(np.int64)
+    grid = spaced_timesteps(config.timestep_spacing, config, steps, linspace="round").astype(np.int64)
     ts = list(grid)
     if repeat_second and steps > 1:
         ts.insert(1, grid[1])  # PNDMScheduler.set_timesteps repeats the second timestep
@@ -124,13 +90,13 @@ def _final_sigma(config: SchedulerConfig, ac: np.ndarray) -> F32:
     raise ValueError(f"final_sigmas_type {config.final_sigmas_type!r} is not 'zero' or 'sigma_min'")
 
 
-def _interp_grid(config: SchedulerConfig, steps: int, scheduler: str, *, round_t: bool = False, linspace="float32"):
+def _interp_grid(config: SchedulerConfig, steps: int, *, round_t: bool = False, linspace="float32"):
     """(sigmas without the final one, float64; timesteps; training sigmas) of the Euler family's set_timesteps.
 
     round_t: the class rounds timesteps inverted from Karras sigmas (KDPM2, KDPM2A).
     """
-    train = train_sigmas(_abar(config, scheduler))
-    timesteps = spaced_timesteps(config.spacing(scheduler), config, steps, linspace=linspace)
+    train = train_sigmas(_abar(config))
+    timesteps = spaced_timesteps(config.timestep_spacing, config, steps, linspace=linspace)
     sigmas = np.interp(timesteps, np.arange(len(train)), train)
     kind = config.sigma_kind()
     if kind:
@@ -141,15 +107,13 @@ def _interp_grid(config: SchedulerConfig, steps: int, scheduler: str, *, round_t
     return sigmas, timesteps, train
 
 
-def euler_schedule(config: SchedulerConfig, steps: int, scheduler: str = "EulerDiscreteScheduler") -> Schedule:
+def euler_schedule(config: SchedulerConfig, steps: int) -> Schedule:
     """EulerDiscreteScheduler / EulerAncestralDiscreteScheduler / LMSDiscreteScheduler.set_timesteps."""
-    sigmas, timesteps, _ = _interp_grid(config, steps, scheduler)
-    # Only EulerDiscreteScheduler honours final_sigmas_type; the others always append 0.
-    ac = _abar(config, scheduler)
-    last = _final_sigma(config, ac) if scheduler == "EulerDiscreteScheduler" else F32(0)
-    sigmas = np.concatenate([sigmas, [last]]).astype(F32)
+    sigmas, timesteps, _ = _interp_grid(config, steps)
+    # Only EulerDiscreteScheduler has final_sigmas_type; the others resolve to its "zero" and append 0.
+    sigmas = np.concatenate([sigmas, [_final_sigma(config, _abar(config))]]).astype(F32)
     timesteps = timesteps.astype(F32).astype(np.float64)
-    return Schedule(sigmas.astype(np.float64), timesteps, ve_init_noise_sigma(sigmas, config.spacing(scheduler)))
+    return Schedule(sigmas.astype(np.float64), timesteps, ve_init_noise_sigma(sigmas, config.timestep_spacing))
 
 
 # ---- two-stage samplers: every step but the last (to sigma 0) evaluates at a second level ----
@@ -164,19 +128,19 @@ def _interleave(steps: np.ndarray, stages: np.ndarray, final: float | None = Non
 
 def heun_schedule(config: SchedulerConfig, steps: int) -> Schedule:
     """HeunDiscreteScheduler.set_timesteps: the second stage re-evaluates at the next step's level."""
-    sigmas, timesteps, _ = _interp_grid(config, steps, "HeunDiscreteScheduler")
+    sigmas, timesteps, _ = _interp_grid(config, steps)
     sigmas = sigmas.astype(F32).astype(np.float64)
     timesteps = timesteps.astype(F32).astype(np.float64)
-    init = ve_init_noise_sigma(sigmas, config.spacing("HeunDiscreteScheduler"))
+    init = ve_init_noise_sigma(sigmas, config.timestep_spacing)
     return Schedule(_interleave(sigmas, sigmas[1:], 0.0), _interleave(timesteps, timesteps[1:]), init)
 
 
 def kdpm2_schedule(config: SchedulerConfig, steps: int) -> Schedule:
     """KDPM2DiscreteScheduler.set_timesteps: the second stage at the log-midpoint of the step."""
-    sigmas, timesteps, train = _interp_grid(config, steps, "KDPM2DiscreteScheduler", round_t=True)
+    sigmas, timesteps, train = _interp_grid(config, steps, round_t=True)
     sigmas = sigmas.astype(F32)
     mids = log_midpoint_f32(sigmas[1:], sigmas[:-1])
-    return _staged(config, "KDPM2DiscreteScheduler", sigmas, timesteps, mids, train)
+    return _staged(config, sigmas, timesteps, mids, train)
 
 
 def kdpm2_ancestral_schedule(config: SchedulerConfig, steps: int) -> Schedule:
@@ -184,7 +148,7 @@ def kdpm2_ancestral_schedule(config: SchedulerConfig, steps: int) -> Schedule:
 
     Also the schedule of DPM++ 2S a, whose k-diffusion midpoint is the same (r = 1/2, eta = 1).
     """
-    sigmas, timesteps, train = _interp_grid(config, steps, "KDPM2AncestralDiscreteScheduler", round_t=True)
+    sigmas, timesteps, train = _interp_grid(config, steps, round_t=True)
     sigmas = sigmas.astype(F32)
     # sigma_down = sqrt(next^2 - up^2) cancels: diffusers' float32 loses ~6 bits at 3 steps and ~1% at 2, so it
     # is computed in float64 (k-diffusion get_ancestral_step, eta 1) and only the stage level kept in float32.
@@ -193,41 +157,41 @@ def kdpm2_ancestral_schedule(config: SchedulerConfig, steps: int) -> Schedule:
     ups = np.sqrt(nexts**2 * (s64**2 - nexts**2) / s64**2)
     downs = np.sqrt(nexts**2 - ups**2)
     mids = np.sqrt(s64[:-1] * downs[:-1]).astype(F32)  # exp(lerp(log sigma, log sigma_down, 1/2))
-    return _staged(config, "KDPM2AncestralDiscreteScheduler", sigmas, timesteps, mids, train)
+    return _staged(config, sigmas, timesteps, mids, train)
 
 
 def dpm_sde_schedule(config: SchedulerConfig, steps: int) -> Schedule:
     """DPMSolverSDEScheduler.set_timesteps: the second stage at the log-midpoint (timesteps kept float64)."""
-    sigmas, timesteps, train = _interp_grid(config, steps, "DPMSolverSDEScheduler", linspace="float64")
+    sigmas, timesteps, train = _interp_grid(config, steps, linspace="float64")
     # Its stage timesteps come from the float64 sigmas; the stage level itself from float32 sigmas in step().
     t = -np.log(sigmas)
     stage_t = sigma_to_t(np.exp(-(t[:-1] + np.diff(t) * 0.5)), np.log(train))
     s32 = sigmas.astype(F32)
     t32 = -np.log(s32)
     mids = np.exp(-(t32[:-1] + (t32[1:] - t32[:-1]) * F32(0.5)))
-    init = ve_init_noise_sigma(s32, config.spacing("DPMSolverSDEScheduler"))
+    init = ve_init_noise_sigma(s32, config.timestep_spacing)
     levels = _interleave(s32.astype(np.float64), mids.astype(np.float64), 0.0)
     return Schedule(levels, _interleave(timesteps, stage_t), init)
 
 
-def _staged(config, scheduler, sigmas, timesteps, mids, train) -> Schedule:
+def _staged(config, sigmas, timesteps, mids, train) -> Schedule:
     """KDPM2 / KDPM2A: interleave the float32 stage levels and their (float32-sigma) timesteps."""
     stage_t = sigma_to_t(mids, np.log(train), dtype=F32)
     if config.sigma_kind() is None:  # float32 linspace timesteps; Karras/exponential ones stay float64
         timesteps, stage_t = timesteps.astype(F32), stage_t.astype(F32)
     levels = _interleave(sigmas.astype(np.float64), mids.astype(np.float64), 0.0)
-    init = ve_init_noise_sigma(sigmas, config.spacing(scheduler))
+    init = ve_init_noise_sigma(sigmas, config.timestep_spacing)
     return Schedule(levels, _interleave(timesteps, stage_t).astype(np.float64), init)
 
 
 # ---- multistep solvers: integer timesteps, VP latents ----
 
 
-def _multistep_grid(config: SchedulerConfig, steps: int, scheduler: str, *, round_karras: bool):
+def _multistep_grid(config: SchedulerConfig, steps: int, *, round_karras: bool):
     """(sigmas without the final one, float64; integer timesteps; alphas_cumprod) of DPM-Solver/UniPC/DEIS."""
-    ac = _abar(config, scheduler)
+    ac = _abar(config)
     train = train_sigmas(ac)
-    timesteps = multistep_timesteps(config.spacing(scheduler), config, steps)
+    timesteps = multistep_timesteps(config.timestep_spacing, config, steps)
     kind = config.sigma_kind()
     if kind:
         sigmas = convert_sigmas(kind, train[::-1], steps)
@@ -248,7 +212,7 @@ def _vp_schedule(sigmas: np.ndarray, last: float, timesteps: np.ndarray, orders:
 def dpm_multistep_schedule(config: SchedulerConfig, steps: int) -> Schedule:
     """DPMSolverMultistepScheduler(order 2).set_timesteps, with step()'s lower-order rules."""
     round_karras = config.beta_schedule != "squaredcos_cap_v2"
-    sigmas, timesteps, ac = _multistep_grid(config, steps, "DPMSolverMultistepScheduler", round_karras=round_karras)
+    sigmas, timesteps, ac = _multistep_grid(config, steps, round_karras=round_karras)
     n = len(timesteps)
     # step(): first order at the first step and, under these conditions, at the last.
     final_first_order = (
@@ -260,10 +224,10 @@ def dpm_multistep_schedule(config: SchedulerConfig, steps: int) -> Schedule:
     return _vp_schedule(sigmas, _final_sigma(config, ac), timesteps, orders)
 
 
-def unipc_schedule(config: SchedulerConfig, steps: int, solver_order: int = 2) -> Schedule:
+def unipc_schedule(config: SchedulerConfig, steps: int) -> Schedule:
     """UniPCMultistepScheduler.set_timesteps; orders are the predictor's (the corrector reuses the previous one)."""
-    sigmas, timesteps, ac = _multistep_grid(config, steps, "UniPCMultistepScheduler", round_karras=True)
-    n = len(timesteps)
+    sigmas, timesteps, ac = _multistep_grid(config, steps, round_karras=True)
+    n, solver_order = len(timesteps), config.solver_order
     # step(): warm-up min(order, k + 1); lower_order_final: min(order, steps left).
     orders = [min(solver_order, k + 1, n - k if config.lower_order_final else solver_order) for k in range(n)]
     last = _final_sigma(config, ac)
@@ -272,10 +236,10 @@ def unipc_schedule(config: SchedulerConfig, steps: int, solver_order: int = 2) -
     return _vp_schedule(sigmas, last, timesteps, orders)
 
 
-def deis_schedule(config: SchedulerConfig, steps: int, solver_order: int = 2) -> Schedule:
-    """DEISMultistepScheduler.set_timesteps: ends at sigma_min, or repeats the last Karras/exponential sigma."""
-    sigmas, timesteps, ac = _multistep_grid(config, steps, "DEISMultistepScheduler", round_karras=True)
-    n = len(timesteps)
+def deis_schedule(config: SchedulerConfig, steps: int) -> Schedule:
+    """DEISMultistepScheduler.set_timesteps: ends at sigma_min, or repeats the last Karras/exponential/beta sigma."""
+    sigmas, timesteps, ac = _multistep_grid(config, steps, round_karras=True)
+    n, solver_order = len(timesteps), config.solver_order
     low = config.lower_order_final and n < 15  # step(): drop to first/second order over the last two steps
     orders = [min(solver_order, k + 1) for k in range(n)]
     if low:
@@ -293,40 +257,9 @@ def lcm_schedule(config: SchedulerConfig, steps: int) -> Schedule:
         raise ValueError(f"LCM needs steps <= original_inference_steps={original} <= {T}, got {steps} steps")
     origin = (np.arange(1, original + 1) * (T // original) - 1)[::-1]
     timesteps = origin[np.floor(np.linspace(0, len(origin), num=steps, endpoint=False)).astype(np.int64)]
-    ac = _abar(config, "LCMScheduler")
+    ac = _abar(config)
     sigmas = np.array([vp_to_ve(ac[t]) for t in timesteps] + [0.0])
     return Schedule(sigmas, timesteps.astype(np.float64), vp_init_noise_sigma(sigmas[0]))
-
-
-def honours(scheduler: str, overrides: dict) -> bool:
-    """Whether diffusers' `scheduler` class has the schedule-shaping config keys in `overrides`."""
-    if "timestep_spacing" in overrides and scheduler in NO_SPACING_CLASSES:
-        return False
-    return scheduler in SIGMA_KIND_CLASSES or not any(key in overrides for key in SAMPLER_CHOSEN)
-
-
-def _check(scheduler: str, config: SchedulerConfig) -> None:
-    """Refuse what diffusers' class would do differently from us, or could not do at all."""
-    for flag in UNSUPPORTED_FLAGS.get(scheduler, ()):
-        if getattr(config, flag):
-            raise NotImplementedError(f"{scheduler} with {flag}=True is not supported")
-    kind = config.sigma_kind()
-    if kind and scheduler not in SIGMA_KIND_CLASSES:
-        raise NotImplementedError(f"{scheduler} has no {kind} sigmas in diffusers")
-
-
-def build_schedule(scheduler: str, config: SchedulerConfig, steps: int, strength: float = 1.0, **overrides) -> Schedule:
-    """The schedule diffusers' `scheduler` class, made with from_config(config, **overrides), sets for `steps`;
-    strength < 1 keeps its end, as img2img's get_timesteps does."""
-    config = config.with_overrides(overrides)
-    _check(scheduler, config)
-    builder = BUILDERS[scheduler]
-    solver_order = overrides.get("solver_order")
-    schedule = builder(config, steps) if solver_order is None else builder(config, steps, solver_order=solver_order)
-    begin = skipped_steps(steps, strength) * SCHEDULER_ORDER.get(scheduler, 1)
-    if begin and scheduler == "PNDMScheduler":
-        return pndm_schedule(config, steps, begin)
-    return schedule.starting_at(begin)
 
 
 def skipped_steps(steps: int, strength: float) -> int:
@@ -337,22 +270,3 @@ def skipped_steps(steps: int, strength: float) -> int:
     if kept < 1:
         raise ValueError(f"strength {strength:g} of {steps} steps leaves no step to run (int(steps * strength) = 0)")
     return steps - kept
-
-
-BUILDERS = {
-    "PNDMScheduler": pndm_schedule,
-    "DDIMScheduler": ddim_schedule,
-    "EulerDiscreteScheduler": euler_schedule,
-    "EulerAncestralDiscreteScheduler": lambda config, steps: euler_schedule(
-        config, steps, "EulerAncestralDiscreteScheduler"
-    ),
-    "LMSDiscreteScheduler": lambda config, steps: euler_schedule(config, steps, "LMSDiscreteScheduler"),
-    "HeunDiscreteScheduler": heun_schedule,
-    "KDPM2DiscreteScheduler": kdpm2_schedule,
-    "KDPM2AncestralDiscreteScheduler": kdpm2_ancestral_schedule,
-    "DPMSolverSDEScheduler": dpm_sde_schedule,
-    "DPMSolverMultistepScheduler": dpm_multistep_schedule,
-    "UniPCMultistepScheduler": unipc_schedule,
-    "DEISMultistepScheduler": deis_schedule,
-    "LCMScheduler": lcm_schedule,
-}
