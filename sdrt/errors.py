@@ -23,3 +23,7 @@ class ExportError(SdrtError):
 
 class BackendError(SdrtError):
     """An engine is not installed or cannot run a bundle."""
+
+
+class WeightsFileError(SdrtError):
+    """A weights file (an embedding, a LoRA) is malformed, or holds something other than tensors and plain data."""
