@@ -72,6 +72,9 @@ class Component:
     # How the file stores its large weights: "fp32", or "fp16" cast back to fp32 by the graph (sdrt.export.
     # fp16_storage). `precision` is what the graph computes in; written only when not "fp32", as old bundles lack it.
     weights_storage: str = "fp32"
+    # Arrays beside the graph that the runtime builds inputs from: name -> .npy file (the text encoder's
+    # token_embedding, looked up by token id). Written only when present.
+    tables: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         storage = {"weights_storage": self.weights_storage} if self.weights_storage != "fp32" else {}
@@ -83,7 +86,8 @@ class Component:
             "contract": self.contract.to_dict(),
             "validation": self.validation,
         }
-        return {**d, "preprocess": self.preprocess} if self.preprocess else d
+        extra = {"preprocess": self.preprocess} if self.preprocess else {}
+        return {**d, **extra, **({"tables": self.tables} if self.tables else {})}
 
     @classmethod
     def from_dict(cls, name: str, d: dict) -> Component:
@@ -96,6 +100,7 @@ class Component:
             d.get("validation", {}),
             d.get("preprocess", {}),
             d.get("weights_storage", "fp32"),
+            d.get("tables", {}),
         )
 
 

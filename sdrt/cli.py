@@ -53,6 +53,7 @@ def _add_generate(sub) -> None:
                    help="do not embed the SD scripts' invisible watermark (on by default, images >= 256x256)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     _add_img2img_options(p)
+    _add_prompt_options(p)
     p.set_defaults(run=_generate)
 
 
@@ -70,6 +71,16 @@ def _add_img2img_options(p) -> None:
                    "request size and paste it back (A1111's Inpaint area: Only masked)")
     g.add_argument("--padding", type=int, default=32, metavar="N", help="pixels around the mask for "
                    "--inpaint-only-masked (default 32)")
+
+
+def _add_prompt_options(p) -> None:
+    g = p.add_argument_group("A1111 prompt options")
+    g.add_argument("--embeddings-dir", type=Path, metavar="DIR", help="textual-inversion embeddings (.pt, .bin, "
+                   ".safetensors; subfolders too), used by file name in the prompts as in A1111")
+    g.add_argument("--clip-skip", type=int, default=1, metavar="N", help="condition on the text encoder's layer -N "
+                   "(A1111's Clip skip; default 1: the last)")
+    g.add_argument("--vae", type=Path, metavar="BUNDLE", help="decode and encode with this VAE bundle instead of the "
+                   "model's (sdrt export VAE_SOURCE -o BUNDLE --vae-only)")
 
 
 def _open_image(path: Path | None, what: str):
@@ -98,6 +109,8 @@ def _add_export(sub) -> None:
                    "source's taesd/ subfolder when it has one)")
     p.add_argument("--no-safety-checker", action="store_true", help="leave out the source's safety_checker/ "
                    "(exported by default when a diffusers folder has one)")
+    p.add_argument("--vae-only", action="store_true", help="export a VAE alone for `generate --vae`: an "
+                   "AutoencoderKL folder, or an A1111 VAE file (.safetensors, .pt, .ckpt)")
     p.add_argument("--weights-storage", choices=["fp32", "fp16"], default="fp32", help="how the ONNX files store "
                    "weights: fp16 halves them (large weights rounded to fp16, each cast back to fp32 in the graph: "
                    "compute, inputs and outputs stay fp32; validated against torch with the same rounding). "
@@ -161,7 +174,8 @@ def _generate(args) -> int:
     init_image, mask = _open_image(args.init_image, "init image"), _open_image(args.mask, "mask")
     given = {"device": args.device, "precision": args.precision, "hint": args.hint}
     options = {k: v for k, v in given.items() if v is not None}
-    with Pipeline.load(args.bundle, backend=args.backend, **options) as pipe:
+    with Pipeline.load(args.bundle, backend=args.backend, embeddings_dir=args.embeddings_dir, vae=args.vae,
+                       **options) as pipe:
         req = GenerationRequest(
             prompt=args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
             steps=args.steps, guidance_scale=args.guidance_scale, sampler=args.sampler, schedule=args.schedule,
@@ -171,6 +185,7 @@ def _generate(args) -> int:
             init_image=init_image, strength=args.strength, mask=mask,
             mask_blur=args.mask_blur,
             inpaint_full_res=args.inpaint_only_masked, inpaint_full_res_padding=args.padding,
+            clip_skip=args.clip_skip,
         ).resolve(pipe.manifest)
         last = None
         total = pipe.schedule(req).steps  # model evaluations: 2n - 1 for two-stage samplers such as Heun
@@ -192,12 +207,26 @@ def _export(args) -> int:
         raise SdrtError(f"export needs the export extra ({e.name} is missing): pip install 'sdrt[export]'") from None
     if args.target == "onnx" and (args.weights != "fp32" or args.quantize_unet or args.psnr_gate is not None):
         raise SdrtError("--weights, --quantize-unet and --psnr-gate apply to --target openvino; ONNX bundles are fp32")
+    if args.vae_only:
+        return _export_vae(args)
     options = dict(original_config=args.original_config, prediction_type=args.prediction_type, opset=args.opset,
                    taesd=args.taesd, safety_checker=not args.no_safety_checker, weights_storage=args.weights_storage)
     if args.target == "onnx":
         manifest = export_bundle(args.source, args.output, overwrite=args.overwrite, **options)
     else:
         manifest = _export_via_onnx(args, options)
+    _print_bundle(args.output, manifest)
+    return 0
+
+
+def _export_vae(args) -> int:
+    """--vae-only: an ONNX VAE bundle, which every backend reads (OpenVINO included)."""
+    from sdrt.export.vae_only import export_vae_bundle
+
+    if args.target != "onnx" or args.taesd or args.prediction_type:
+        raise SdrtError("--vae-only writes an ONNX VAE bundle: --target, --taesd and --prediction-type do not apply")
+    manifest = export_vae_bundle(args.source, args.output, original_config=args.original_config, opset=args.opset,
+                                 overwrite=args.overwrite, weights_storage=args.weights_storage)
     _print_bundle(args.output, manifest)
     return 0
 

@@ -104,6 +104,7 @@ def convert_bundle(
             for name, comp in source.components.items() if not (quantize_unet and name == "unet")
         }
         copy_tokenizer(src, source, writer.path)
+        copy_tables(src, source, writer.path)
         for tried, scheme in enumerate(schemes, start=1):
             if scheme:
                 unet = convert_component(src, source.components["unet"], writer.path, weights, calibration, scheme)
@@ -254,6 +255,14 @@ def copy_tokenizer(src: Path, manifest: Manifest, root: Path) -> None:
     for rel in (manifest.tokenizer.vocab, manifest.tokenizer.merges):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src / rel, root / rel)
+
+
+def copy_tables(src: Path, manifest: Manifest, root: Path) -> None:
+    """The arrays components build their inputs from (the text encoder's token embedding) travel unchanged."""
+    for comp in manifest.components.values():
+        for rel in comp.tables.values():
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src / rel, root / rel)
 
 
 def check_image_psnr(

@@ -14,6 +14,7 @@ from sdrt.runtime.noise import SEED_MODES
 from sdrt.runtime.presets import preset_for, scheduler_config
 from sdrt.runtime.samplers import make_schedule, resolve_sampler
 from sdrt.runtime.schedules import SchedulerConfig
+from sdrt.runtime.text_encoder import check_clip_skip
 
 MAX_STEPS = 1000
 MAX_SEED = 2**64  # torch.Generator.manual_seed accepts 64-bit seeds
@@ -48,6 +49,7 @@ class GenerationRequest:
     mask_blur: int = 0  # A1111's "Mask blur" in pixels: softens the mask and pastes the result over the original
     inpaint_full_res: bool = False  # A1111's "Inpaint area: Only masked": generate a crop around the mask
     inpaint_full_res_padding: int = 32  # A1111's "Only masked padding, pixels" around the mask's bounding box
+    clip_skip: int = 1  # A1111's "Clip skip": the text encoder's layer -N, then its final layer norm
 
     def resolve(self, manifest: Manifest) -> GenerationRequest:
         """Fill defaults from the bundle and check every field, raising RequestError with a one-line reason."""
@@ -107,6 +109,7 @@ class GenerationRequest:
         if self.fast_decode and "taesd_decoder" not in manifest.components:
             raise RequestError("fast decode needs a bundle with a tiny decoder (sdrt export --taesd FOLDER)")
         self._check_images(manifest)
+        check_clip_skip(manifest, self.clip_skip)
 
     def _check_images(self, manifest: Manifest) -> None:
         extra = extra_unet_channels(manifest)
