@@ -19,7 +19,9 @@ from tiny_models import SD2_CONTEXT_DIM, diffusers_reference  # noqa: E402
 from transformers import CLIPTextModel  # noqa: E402
 
 from sdrt.bundle import MANIFEST, read_manifest  # noqa: E402
+from sdrt.contracts import Contract  # noqa: E402
 from sdrt.errors import BundleError, RequestError  # noqa: E402
+from sdrt.export.onnx_export import export_onnx  # noqa: E402
 from sdrt.runtime.embeddings import EmbeddingLibrary, find_files, read_embedding  # noqa: E402
 from sdrt.runtime.pipeline import Pipeline  # noqa: E402
 from sdrt.runtime.prompts import PLACEHOLDER, tokenize_weighted  # noqa: E402
@@ -223,10 +225,8 @@ def legacy_bundle(tiny_sd1_dir, tiny_sd1_bundle, tmp_path_factory):
     out = tmp_path_factory.mktemp("bundles") / "legacy"
     shutil.copytree(tiny_sd1_bundle, out)
     model = CLIPTextModel.from_pretrained(tiny_sd1_dir / "text_encoder").eval()
-    torch.onnx.export(_IdsTextEncoder(model), (torch.zeros(2, 77, dtype=torch.int32),),
-                      str(out / "text_encoder" / "model.onnx"), dynamo=False, input_names=["input_ids"],
-                      output_names=["last_hidden_state"], dynamic_axes={"input_ids": {0: "batch"},
-                                                                        "last_hidden_state": {0: "batch"}})
+    export_onnx(_IdsTextEncoder(model), (torch.zeros(2, 77, dtype=torch.int32),),
+                Contract.from_dict("text_encoder", LEGACY_CONTRACT), out / "text_encoder" / "model.onnx")
     (out / "text_encoder" / "token_embedding.npy").unlink()
     manifest = json.loads((out / MANIFEST).read_text())
     text = manifest["components"]["text_encoder"]

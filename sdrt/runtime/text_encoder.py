@@ -37,8 +37,9 @@ def layer_count(component: Component) -> int:
 
 def reexport_hint(manifest: Manifest) -> str:
     """The command that re-exports a bundle with the current text-encoder contract, from the source it records."""
-    storage = manifest.components["text_encoder"].weights_storage
-    options = "" if storage == "fp32" else f" --weights-storage {storage}"
+    component = manifest.components["text_encoder"]
+    options = "" if component.weights_storage == "fp32" else f" --weights-storage {component.weights_storage}"
+    options += "" if component.format == "onnx" else f" --target {component.format}"
     return f"sdrt export {manifest.source.get('path') or 'SOURCE'} -o NEW_BUNDLE{options}"
 
 
