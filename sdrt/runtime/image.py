@@ -31,6 +31,18 @@ def infotext(prompt: str, negative_prompt: str, fields: dict[str, object]) -> st
     return "\n".join(lines)
 
 
+def load_image(path: Path, what: str) -> Image.Image:
+    """The image at `path`, fully read; unreadable files are one-line RequestErrors naming `what`."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (OSError, UnidentifiedImageError) as e:
+        raise RequestError(f"cannot read the {what} {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
 def check_writable(path: Path) -> None:
     """Fail before any work when `path` cannot be written (missing folder, a directory, no permission)."""
     path = Path(path)
