@@ -53,7 +53,8 @@ class GenerationRequest:
     mask_blur: int = 0  # A1111's "Mask blur" in pixels: softens the mask and pastes the result over the original
     inpaint_full_res: bool = False  # A1111's "Inpaint area: Only masked": generate a crop around the mask
     inpaint_full_res_padding: int = 32  # A1111's "Only masked padding, pixels" around the mask's bounding box
-    clip_skip: int = 1  # A1111's "Clip skip": the text encoder's layer -N, then its final layer norm
+    # A1111's "Clip skip": the text encoder's layer -N, then its final layer norm (diffusers' clip_skip is N - 1)
+    clip_skip: int = 1
     # Set by `resolve`: every field is final (defaults filled, seed fixed, names canonical, images converted).
     resolved: bool = field(default=False, repr=False, compare=False)
 
