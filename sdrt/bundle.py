@@ -76,6 +76,11 @@ class Component:
     files: tuple[str, ...] = ()
     # The sha256 of every bundle file the component's engine opens, from the manifest, which verify_files checks:
     # the content identity engine caches key on. Filled by Manifest.from_dict, not written.
+    # Arrays beside the graph that the runtime builds inputs from: name -> .npy file (the text encoder's
+    # token_embedding, looked up by token id). Written only when present.
+    tables: dict = field(default_factory=dict)
+    # The sha256 of every bundle file the component's engine opens (its folder), from the manifest, which
+    # verify_files checks: the content identity engine caches key on. Filled by Manifest.from_dict, not written.
     checksums: dict[str, str] = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict:
@@ -89,7 +94,8 @@ class Component:
             "contract": self.contract.to_dict(),
             "validation": self.validation,
         }
-        return {**d, "preprocess": self.preprocess} if self.preprocess else d
+        extra = {"preprocess": self.preprocess} if self.preprocess else {}
+        return {**d, **extra, **({"tables": self.tables} if self.tables else {})}
 
     @classmethod
     def from_dict(cls, name: str, d: dict) -> Component:
@@ -103,6 +109,7 @@ class Component:
             d.get("preprocess", {}),
             d.get("weights_storage", "fp32"),
             tuple(d.get("files", ())),
+            d.get("tables", {}),
         )
 
 

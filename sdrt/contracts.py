@@ -16,6 +16,10 @@ BATCH, SEQUENCE = "batch", "sequence"
 HEIGHT, WIDTH = "height", "width"
 LATENT_HEIGHT, LATENT_WIDTH = "latent_height", "latent_width"
 
+# The text encoder's tensors. Bundles written before textual inversion and clip skip took `input_ids` (int32) and
+# gave `last_hidden_state`; the runtime still reads those (sdrt.runtime.text_encoder).
+TEXT_INPUT, TEXT_OUTPUT, TOKEN_TABLE = "inputs_embeds", "hidden_states", "token_embedding"
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -109,8 +113,21 @@ class Contract:
         )
 
 
-def text_encoder_contract(hidden_size: int, max_length: int = 77) -> Contract:
-    """CLIP text encoder: token ids -> per-token embeddings (SD2 bundles export the penultimate layer)."""
+def text_encoder_contract(hidden_size: int, max_length: int = 77, *, layers: int) -> Contract:
+    """CLIP text encoder: token embeddings -> every layer's hidden states through the final layer norm."""
+    return Contract(
+        "text_encoder",
+        (TensorSpec(TEXT_INPUT, "float32", (BATCH, max_length, hidden_size)),),
+        (TensorSpec(TEXT_OUTPUT, "float32", (BATCH, layers, max_length, hidden_size)),),
+        "inputs_embeds are token embeddings: the runtime looks ids up in the component's token_embedding table and "
+        "puts textual-inversion vectors in place, so one graph serves every embedding. hidden_states[:, -n] is "
+        "clip skip n (A1111's CLIP_stop_at_last_layers; diffusers' clip_skip n - 1): layer -n's output through the "
+        "final layer norm; -1 is transformers' last_hidden_state. SD2 bundles end at OpenCLIP's penultimate layer",
+    )
+
+
+def legacy_text_encoder_contract(hidden_size: int, max_length: int = 77) -> Contract:
+    """The text encoder of bundles written before textual inversion and clip skip: token ids -> the last layer."""
     return Contract(
         "text_encoder",
         (TensorSpec("input_ids", "int32", (BATCH, max_length)),),

@@ -52,3 +52,5 @@ def _escape(c: str) -> str:
     if code in _SURROGATE_ESCAPES:
         code -= 0xDC00  # show the undecodable byte itself
     return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+class WeightsFileError(SdrtError):
+    """A weights file (an embedding, a LoRA) is malformed, or holds something other than tensors and plain data."""

@@ -124,6 +124,8 @@ COMPONENT = Record({
     "contract": CONTRACT,
     "validation": COMPONENT_VALIDATION,
     "preprocess": PREPROCESS,
+    # Arrays beside the graph the runtime builds inputs from (the text encoder's token_embedding): name -> .npy.
+    "tables": MapOf(Text(pattern=r"[a-z][a-z0-9_]*", what="a table name", max_len=64), PATH, max_items=16),
 }, required=("file", "contract"))
 
 SOURCE = Record({
@@ -168,23 +170,26 @@ def _sizes_hold(m) -> bool:
 
 
 def _betas_fit(m) -> bool:
-    from sdrt.runtime.noise_levels import SchedulerConfig  # numpy only; its defaults are the missing keys' values
-
-    c = SchedulerConfig.from_dict(m.scheduler)
-    n = c.num_train_timesteps
-    return (c.trained_betas is None or len(c.trained_betas) == n) and c.steps_offset < n \
-        and c.original_inference_steps <= n
+    s = m.scheduler  # a missing key takes the scheduler class's default: within these bounds for every class
+    n = s.get("num_train_timesteps", 1000)
+    trained = s.get("trained_betas")
+    return (trained is None or len(trained) == n) and s.get("steps_offset", 0) < n \
+        and s.get("original_inference_steps", 50) <= n
 
 
 # Where the runtime reads a contract's structure itself (the UNet's sample channels, the safety checker's input
 # size, the tokenizer's length), the manifest's contract must have the shape sdrt's own contracts give it: the same
 # tensor names and ranks, a fixed size where sdrt's is fixed and the same named axis where sdrt's is dynamic.
+# The text encoder has two accepted forms: token embeddings in (textual inversion, clip skip) and, in bundles
+# written before them, token ids in.
 EXPECTED_CONTRACTS = {
-    c.component: c for c in (
-        contracts.text_encoder_contract(1), contracts.unet_contract(1, 1, 1), contracts.vae_decoder_contract(1),
-        contracts.vae_encoder_contract(1), contracts.taesd_decoder_contract(1), contracts.safety_checker_contract(1),
+    c.component: [c] for c in (
+        contracts.unet_contract(1, 1, 1), contracts.vae_decoder_contract(1), contracts.vae_encoder_contract(1),
+        contracts.taesd_decoder_contract(1), contracts.safety_checker_contract(1),
     )
 }
+EXPECTED_CONTRACTS["text_encoder"] = [contracts.text_encoder_contract(1, layers=1),
+                                      contracts.legacy_text_encoder_contract(1)]
 
 
 def _same_structure(want: tuple, got: tuple) -> bool:
@@ -199,13 +204,13 @@ def _fits(expected: contracts.Contract, contract: contracts.Contract) -> bool:
 
 
 def _contracts_fit(m) -> bool:
-    return all(_fits(EXPECTED_CONTRACTS[name], c.contract) for name, c in m.components.items()
-               if name in EXPECTED_CONTRACTS)
+    return all(any(_fits(expected, c.contract) for expected in EXPECTED_CONTRACTS[name])
+               for name, c in m.components.items() if name in EXPECTED_CONTRACTS)
 
 
 def _tokenizer_fits(m) -> bool:
-    ids = next(t for t in m.components["text_encoder"].contract.inputs if t.name == "input_ids")
-    return ids.shape[1] == m.tokenizer.max_length
+    tokens = m.components["text_encoder"].contract.inputs[0]  # ids, or their embeddings: [batch, length, ...]
+    return tokens.shape[1] == m.tokenizer.max_length
 
 
 # Rules across keys, checked on the Manifest built from a valid document (so missing keys have their defaults).
@@ -218,7 +223,7 @@ INVARIANTS = (
               "original_inference_steps within num_train_timesteps", _betas_fit),
     Invariant("components: a contract lacks a tensor sdrt feeds or reads, or has it in another shape "
               "(see sdrt.contracts)", _contracts_fit),
-    Invariant("tokenizer.max_length differs from the text encoder's input_ids length", _tokenizer_fits),
+    Invariant("tokenizer.max_length differs from the text encoder's token length", _tokenizer_fits),
     Invariant("files: expected the bundle's files, got manifest.json itself", lambda m: "manifest.json" not in m.files),
 )
 

@@ -5,6 +5,7 @@ import json
 from types import SimpleNamespace
 
 import numpy as np
+import onnx
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -12,7 +13,7 @@ pytest.importorskip("diffusers")
 ort = pytest.importorskip("onnxruntime")
 
 from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
-from tiny_models import save_tiny_single_file, save_tiny_yaml  # noqa: E402
+from tiny_models import onnx_text_encoder, save_tiny_single_file, save_tiny_yaml  # noqa: E402
 from transformers import CLIPTextModel  # noqa: E402
 
 from sdrt.bundle import read_manifest, sha256_file, verify_files  # noqa: E402
@@ -35,7 +36,7 @@ UNET_TOL = components.UNET_TOLERANCE
 VAE_TOL = components.VAE_TOLERANCE
 # Latent sizes run in ORT: a multiple of 8, the trace size, and sizes that are odd / not multiples of 4.
 LATENT_SIZES = [(8, 8), (9, 12), (16, 10), (6, 8), (7, 5)]
-HIDDEN, CONTEXT, VOCAB = 32, 32, 49408  # tests/tiny_models.py
+HIDDEN, CONTEXT, VOCAB, LAYERS = 32, 32, 49408, 2  # tests/tiny_models.py
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,8 @@ def _max_abs(onnx_out: np.ndarray, torch_out: torch.Tensor) -> float:
 def test_manifest_files_and_checksums(tiny_sd1_bundle, manifest):
     verify_files(tiny_sd1_bundle, manifest)
     expected = {f"{c}/model.onnx" for c in ("text_encoder", "unet", "vae_decoder", "vae_encoder")}
-    assert set(manifest.files) == expected | {"tokenizer/vocab.json", "tokenizer/merges.txt"}
+    tables = {"text_encoder/token_embedding.npy"}
+    assert set(manifest.files) == expected | tables | {"tokenizer/vocab.json", "tokenizer/merges.txt"}
     assert {c.file for c in manifest.components.values()} == expected
     assert not list(tiny_sd1_bundle.parent.glob(".tiny-sd1.partial-*"))
 
@@ -78,7 +80,7 @@ def test_manifest_files_and_checksums(tiny_sd1_bundle, manifest):
 def test_manifest_contracts(manifest):
     contracts = {name: c.contract for name, c in manifest.components.items()}
     assert contracts == {
-        "text_encoder": text_encoder_contract(HIDDEN, 77),
+        "text_encoder": text_encoder_contract(HIDDEN, 77, layers=LAYERS),
         "unet": unet_contract(4, 4, CONTEXT),
         "vae_decoder": vae_decoder_contract(4),
         "vae_encoder": vae_encoder_contract(4),
@@ -153,12 +155,19 @@ def test_vae_matches_diffusers(sessions, reference, latent_size):
     assert _max_abs(std, dist.std) <= VAE_TOL
 
 
-def test_text_encoder_matches_transformers(sessions, reference):
+def test_text_encoder_matches_transformers(tiny_sd1_bundle, reference):
+    """Token ids looked up in the bundle's table, then the graph: transformers' last_hidden_state at clip skip 1,
+    and each hidden state through the final layer norm (A1111's and diffusers' clip skip) at the others."""
     ids = torch.randint(0, VOCAB, (3, 77), generator=torch.Generator().manual_seed(3))
+    model = reference["text_encoder"]
     with torch.no_grad():
-        expected = reference["text_encoder"](ids).last_hidden_state
-    got = sessions["text_encoder"].run(None, {"input_ids": ids.numpy().astype(np.int32)})[0]
-    assert _max_abs(got, expected) <= TEXT_TOL
+        out = model(ids, output_hidden_states=True)
+        layers = [model.final_layer_norm(h) for h in out.hidden_states[1:]]
+    encode = onnx_text_encoder(tiny_sd1_bundle)
+    assert _max_abs(encode(ids.numpy()), out.last_hidden_state) <= TEXT_TOL
+    for skip in range(1, LAYERS + 1):
+        assert _max_abs(encode(ids.numpy(), clip_skip=skip), layers[-skip]) <= TEXT_TOL
+    assert np.abs(encode(ids.numpy(), clip_skip=2) - encode(ids.numpy())).max() > 0.1  # the layers differ
 
 
 def test_unet_traced_at_a_multiple_of_8_breaks_other_sizes(tmp_path, reference):
@@ -180,16 +189,19 @@ def _as_source(reference):
 # --- external data ---------------------------------------------------------------------------------------------
 
 def test_external_data_single_file(tmp_path, reference):
-    spec = next(s for s in component_specs(_as_source(reference)) if s.name == "text_encoder")
-    args = (torch.randint(0, VOCAB, (2, 77), dtype=torch.int32),)
+    spec = next(s for s in component_specs(_as_source(reference)) if s.name == "vae_decoder")
+    args = (torch.randn(2, 4, 9, 12),)
     files = export_onnx(spec.module, args, spec.contract, tmp_path / "model.onnx", external_data=True)
     assert [f.name for f in files] == ["model.onnx", "model.onnx.data"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.data"]  # no per-tensor files
     weights = parameter_bytes(spec.module)
-    assert (tmp_path / "model.onnx").stat().st_size < weights / 20  # the graph only
+    graph = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph
+    inline = [t.name for t in graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL
+              and len(t.raw_data) >= 1024]  # onnx_export._save: size_threshold=1024
+    assert inline == []  # the graph only
     assert (tmp_path / "model.onnx.data").stat().st_size >= weights * 0.9
     record = check_parity(spec, tmp_path / "model.onnx", CHECK_SHAPES, vae_scale_factor=8)
-    assert record["max_abs_error"] <= TEXT_TOL
+    assert record["max_abs_error"] <= VAE_TOL
 
 
 def test_bundle_from_single_file_with_forced_external_data(tmp_path, monkeypatch, clip_tokenizer_dir):

@@ -24,10 +24,13 @@ def sd2(clip_tokenizer_dir):
     return ClipTokenizer.from_files(clip_tokenizer_dir / "vocab.json", clip_tokenizer_dir / "merges.txt", pad_token="!")
 
 
-def fake_encoder(ids: np.ndarray) -> np.ndarray:
-    """A stand-in text encoder: a fixed random embedding per id, mixed with its position; [n, 77] -> [n, 77, DIM]."""
-    table = np.random.default_rng(0).standard_normal((49408, DIM)).astype(np.float32)
-    return table[ids] + np.linspace(-1, 1, ids.shape[1], dtype=np.float32)[None, :, None]
+def fake_encoder(ids: np.ndarray, fixes=()) -> np.ndarray:
+    """A stand-in text encoder: a fixed random embedding per id (or a fix's vectors), mixed with its position;
+    [n, 77] -> [n, 77, DIM]."""
+    embeds = np.random.default_rng(0).standard_normal((49408, DIM)).astype(np.float32)[ids]
+    for row, position, vectors in fixes:
+        embeds[row, position: position + len(vectors)] = vectors
+    return embeds + np.linspace(-1, 1, ids.shape[1], dtype=np.float32)[None, :, None]
 
 
 # The examples of A1111's parse_prompt_attention docstring, plus the cases the issue lists.

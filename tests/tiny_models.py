@@ -177,9 +177,24 @@ def ldm_state_dict(text_encoder, unet, vae) -> dict[str, torch.Tensor]:
 
 def _ldm_unet_vae(unet, vae) -> dict[str, torch.Tensor]:
     state = {UNET_PREFIX + k: v for k, v in _rename(unet.state_dict(), _unet_modules(unet.config), UNET_RESNET).items()}
-    vae_state = _rename(vae.state_dict(), _vae_modules(vae.config), VAE_RESNET, VAE_ATTENTION)
-    state.update({VAE_PREFIX + k: _as_conv_1x1(k, v) for k, v in vae_state.items()})
+    state.update({VAE_PREFIX + k: v for k, v in ldm_vae_state_dict(vae).items()})
     return state
+
+
+def ldm_vae_state_dict(vae) -> dict[str, torch.Tensor]:
+    """An AutoencoderKL's weights under CompVis names, as A1111's VAE files hold them (no prefix)."""
+    vae_state = _rename(vae.state_dict(), _vae_modules(vae.config), VAE_RESNET, VAE_ATTENTION)
+    return {k: _as_conv_1x1(k, v).detach().clone().contiguous() for k, v in vae_state.items()}
+
+
+def save_tiny_vae(out: Path, seed: int, scaling_factor: float = SCALING_FACTOR) -> Path:
+    """A tiny AutoencoderKL folder of the tiny SD1 model's architecture, random weights from `seed`."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        vae = _tiny_vae(SAMPLE_SIZE)
+    vae.register_to_config(scaling_factor=scaling_factor)
+    vae.save_pretrained(out)
+    return out
 
 
 UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
@@ -460,3 +475,19 @@ def diffusers_reference(pipeline_class, folder: Path):
     pipe.set_progress_bar_config(disable=True)
     pipe.base_scheduler_config = pipe.scheduler.config
     return pipe
+
+
+def onnx_text_encoder(bundle: Path):
+    """A bundle's text encoder on ONNX Runtime, fed as the runtime feeds it (sdrt.runtime.text_encoder):
+    ids [n, 77] (with embedding fixes and a clip skip) -> hidden states [n, 77, dim]."""
+    import onnxruntime as ort
+
+    from sdrt.bundle import read_manifest
+    from sdrt.runtime.text_encoder import TextEncoder
+
+    manifest = read_manifest(bundle)
+    contract = manifest.components["text_encoder"].contract
+    session = ort.InferenceSession(str(bundle / manifest.components["text_encoder"].file),
+                                   providers=["CPUExecutionProvider"])
+    return TextEncoder(bundle, manifest, lambda feeds: dict(zip(contract.output_names,
+                                                                 session.run(contract.output_names, feeds))))

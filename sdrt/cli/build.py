@@ -7,6 +7,8 @@ from pathlib import Path
 from sdrt.errors import printable
 from sdrt.export.targets import TARGETS, all_options, build, convert, get_target
 from sdrt.staging import check_destination
+from sdrt.errors import ExportError
+from sdrt.export.targets import TARGETS, all_options, build, convert, get_target, target_options
 
 EXPORT_EXAMPLES = """examples:
   sdrt export ./stable-diffusion-v1-5 -o sd15                     # a diffusers folder -> ONNX bundle
@@ -42,6 +44,8 @@ def _add_export(sub, common) -> None:
                    "source's taesd/ subfolder when it has one)")
     p.add_argument("--no-safety-checker", dest="safety_checker", action="store_false", help="leave out the "
                    "source's safety_checker/ (exported by default when a diffusers folder has one)")
+    p.add_argument("--vae-only", action="store_true", help="export a VAE alone, for `generate --vae`: an "
+                   "AutoencoderKL folder (or a pipeline's vae/), or an A1111 VAE file (.safetensors, .pt, .ckpt)")
     _add_target_options(p)
     p.set_defaults(run=_export)
 
@@ -70,11 +74,28 @@ def _given(args) -> dict:
 
 def _export(args) -> int:
     check_destination(args.output, args.overwrite, "--overwrite")  # before the slow work, naming the flag as typed
+    if args.vae_only:
+        return _export_vae(args)
     sources = {"original_config": args.original_config, "prediction_type": args.prediction_type,
                "taesd": args.taesd, "safety_checker": args.safety_checker}
     manifest = build(get_target(args.target), args.source, args.output, overwrite=args.overwrite,
                      source_options=sources, options=_given(args))
     print_bundle(args.output, manifest)
+    return 0
+
+
+def _export_vae(args) -> int:
+    """--vae-only: an ONNX VAE bundle, which every backend reads (OpenVINO's too)."""
+    if args.target != "onnx" or args.taesd or args.prediction_type or not args.safety_checker:
+        raise ExportError("--vae-only writes an ONNX VAE bundle: --target, --taesd, --prediction-type and "
+                          "--no-safety-checker do not apply")
+    try:
+        from sdrt.export.vae_only import export_vae_bundle
+    except ImportError as e:
+        raise ExportError(f"export needs {e.name}: pip install 'sdrt[{TARGETS['onnx'].extra}]'") from None
+    options = target_options(TARGETS["onnx"], _given(args))
+    print_bundle(args.output, export_vae_bundle(args.source, args.output, original_config=args.original_config,
+                                                overwrite=args.overwrite, **options))
     return 0
 
 

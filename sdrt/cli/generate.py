@@ -60,6 +60,7 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress")
     _add_engine_options(p)
     _add_img2img_options(p)
+    _add_prompt_options(p)
     p.set_defaults(run=_generate)
 
 
@@ -101,6 +102,16 @@ def _add_img2img_options(p) -> None:
                    "of another size than -W/-H, as A1111 (default: just resize)")
 
 
+def _add_prompt_options(p) -> None:
+    g = p.add_argument_group("A1111 prompt options")
+    g.add_argument("--embeddings-dir", type=Path, metavar="DIR", help="textual-inversion embeddings (.pt, .bin, "
+                   ".safetensors; subfolders too), used by file name in the prompts as in A1111")
+    g.add_argument("--clip-skip", type=int, default=1, metavar="N", help="condition on the text encoder's layer -N "
+                   "(A1111's Clip skip; default 1: the last)")
+    g.add_argument("--vae", type=Path, metavar="BUNDLE", help="decode and encode with this VAE bundle instead of the "
+                   "model's (sdrt export VAE_SOURCE -o BUNDLE --vae-only)")
+
+
 def _prompts(args) -> list[str]:
     """The prompt, or the lines of --from-file."""
     from sdrt.errors import SdrtError
@@ -133,6 +144,7 @@ def _request(args, prompt: str):
         strength=args.strength, mask=None if args.mask is None else load_image(args.mask, "mask"),
         mask_blur=args.mask_blur, inpaint_full_res=args.inpaint_only_masked, inpaint_full_res_padding=args.padding,
         resize_mode=args.resize_mode,
+        clip_skip=args.clip_skip,
     )
 
 
@@ -178,7 +190,8 @@ def _generate(args) -> int:
     prompts = _prompts(args)
     requests = [_request(args, prompt) for prompt in prompts]
     outputs = Outputs(args, len(prompts) * max(args.batch_size, 1) * max(args.n_iter, 1))
-    with Pipeline.load(args.bundle, backend=args.backend, **_engine_options(args)) as pipe:
+    with Pipeline.load(args.bundle, backend=args.backend, embeddings_dir=args.embeddings_dir, vae=args.vae,
+                       **_engine_options(args)) as pipe:
         for request in requests:
             req = request.resolve(pipe.manifest)
             progress = StepProgress(pipe, req, args, outputs.preview)

@@ -63,6 +63,7 @@ def describe(root: Path, manifest) -> str:
         for kind, specs in (("in ", c.contract.inputs), ("out", c.contract.outputs)):
             for t in specs:
                 lines.append(f"      {kind} {t.name}: {t.dtype} {list(t.shape)}")
+        lines += [f"      table {name}: {rel}" for name, rel in c.tables.items()]
     return "\n".join(printable(line) for line in lines)
 
 

@@ -12,6 +12,7 @@ from sdrt.contracts import (
     LATENT_HEIGHT,
     LATENT_WIDTH,
     SEQUENCE,
+    TOKEN_TABLE,
     WIDTH,
     Contract,
     text_encoder_contract,
@@ -55,29 +56,37 @@ class ComponentSpec:
     ranges: dict[str, tuple[float, float]] = field(default_factory=dict)
     # Recorded in the manifest for components the runtime feeds from images (Component.preprocess).
     preprocess: dict = field(default_factory=dict)
+    # Arrays written beside the graph for the runtime to build inputs from (Component.tables), read after any
+    # weight rounding: name -> a function returning the tensor.
+    tables: dict = field(default_factory=dict)
 
 
 def component_specs(model: SourceModel) -> list[ComponentSpec]:
     """The text encoder, UNet, VAE decoder and VAE encoder of `model`, in export order."""
-    text, unet, vae = model.text_encoder.config, model.unet.config, model.vae.config
+    text, unet = model.text_encoder.config, model.unet.config
+    text_encoder = wrappers.TextEncoder(model.text_encoder)
     return [
         ComponentSpec(
-            "text_encoder", wrappers.TextEncoder(model.text_encoder),
-            text_encoder_contract(text.hidden_size, text.max_position_embeddings),
-            TEXT_ENCODER_TOLERANCE, {"input_ids": (0, text.vocab_size)},
+            "text_encoder", text_encoder,
+            text_encoder_contract(text.hidden_size, text.max_position_embeddings, layers=text.num_hidden_layers),
+            TEXT_ENCODER_TOLERANCE, tables={TOKEN_TABLE: text_encoder.token_embedding},
         ),
         ComponentSpec(
             "unet", wrappers.UNet(model.unet),
             unet_contract(unet.in_channels, unet.out_channels, unet.cross_attention_dim),
             UNET_TOLERANCE, {"timestep": TIMESTEP_RANGE},
         ),
-        ComponentSpec(
-            "vae_decoder", wrappers.VaeDecoder(model.vae), vae_decoder_contract(vae.latent_channels), VAE_TOLERANCE,
-        ),
-        ComponentSpec(
-            "vae_encoder", wrappers.VaeEncoder(model.vae), vae_encoder_contract(vae.latent_channels), VAE_TOLERANCE,
-            {"image": IMAGE_RANGE},
-        ),
+        *vae_specs(model.vae),
+    ]
+
+
+def vae_specs(vae: nn.Module) -> list[ComponentSpec]:
+    """The VAE decoder and encoder of an AutoencoderKL."""
+    channels = vae.config.latent_channels
+    return [
+        ComponentSpec("vae_decoder", wrappers.VaeDecoder(vae), vae_decoder_contract(channels), VAE_TOLERANCE),
+        ComponentSpec("vae_encoder", wrappers.VaeEncoder(vae), vae_encoder_contract(channels), VAE_TOLERANCE,
+                      {"image": IMAGE_RANGE}),
     ]
 
 

@@ -48,8 +48,19 @@ def check_gate(gate: object) -> float:
 def copy_tokenizer(src: Path, manifest: Manifest, root: Path) -> None:
     """The tokenizer files travel unchanged."""
     for rel in (manifest.tokenizer.vocab, manifest.tokenizer.merges):
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src / rel, root / rel)
+        _copy(src, root, rel)
+
+
+def copy_tables(src: Path, manifest: Manifest, root: Path) -> None:
+    """The arrays components build their inputs from (the text encoder's token embedding) travel unchanged."""
+    for comp in manifest.components.values():
+        for rel in comp.tables.values():
+            _copy(src, root, rel)
+
+
+def _copy(src: Path, root: Path, rel: str) -> None:
+    (root / rel).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(src / rel, root / rel)
 
 
 def reference_backend() -> Backend:

@@ -6,6 +6,7 @@ import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import numpy as np
 import torch
 
 import sdrt
@@ -13,7 +14,7 @@ from sdrt.bundle import BundleWriter, Component, Manifest, ModelInfo, TokenizerI
 from sdrt.errors import ExportError
 from sdrt.export.clip_vocab import read_tokenizer_files
 from sdrt.export.components import CHECK_SHAPES, ComponentSpec, axis_sizes, component_specs, sample_inputs
-from sdrt.export.fp16_storage import WEIGHTS_STORAGE, round_to_fp16
+from sdrt.export.fp16_storage import WEIGHTS_STORAGE, fits_fp16, round_to_fp16
 from sdrt.export.onnx_export import export_onnx, parameter_bytes
 from sdrt.export.parity import check_parity, max_difference, torch_outputs
 from sdrt.export.safety import load_safety_checker, safety_spec
@@ -104,7 +105,19 @@ def export_component(
     if fp32_outputs is not None:
         validation.update(fp16_record(spec, fp32_outputs, rounded))
     return Component(spec.name, rel, spec.contract, validation=validation, preprocess=spec.preprocess,
-                     weights_storage=weights_storage)
+                     weights_storage=weights_storage, tables=write_tables(spec, root, weights_storage))
+
+
+def write_tables(spec: ComponentSpec, root: Path, weights_storage: str) -> dict[str, str]:
+    """Save the component's tables as `<name>/<table>.npy` (fp16 under fp16 storage: already rounded by then)."""
+    written = {}
+    for table, tensor in spec.tables.items():
+        values = tensor().detach().cpu().numpy()
+        if weights_storage == "fp16" and fits_fp16(values):
+            values = values.astype(np.float16)
+        written[table] = f"{spec.name}/{table}.npy"
+        np.save(root / written[table], values, allow_pickle=False)
+    return written
 
 
 def fp16_record(spec: ComponentSpec, fp32_outputs: list, rounded_outputs: list) -> dict:

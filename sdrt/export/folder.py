@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 
 MODEL_INDEX = "model_index.json"
 # The first that exists is hashed as the model's identity: the folder has no single file to hash.
-UNET_WEIGHT_FILES = (
+WEIGHT_FILES = (
     "diffusion_pytorch_model.safetensors",
     "diffusion_pytorch_model.bin",
     "diffusion_pytorch_model.safetensors.index.json",
@@ -40,7 +40,7 @@ def load_folder(path: Path) -> SourceModel:
         vae=_load_diffusers(AutoencoderKL, path, "vae"),
         scheduler=_read_json(path / "scheduler" / "scheduler_config.json", "the scheduler config is missing"),
         tokenizer_dir=path / "tokenizer",
-        source={"path": str(path.absolute()), "kind": "diffusers", "sha256": _unet_sha256(path / "unet")},
+        source={"path": str(path.absolute()), "kind": "diffusers", "sha256": weights_sha256(path / "unet")},
         name=path.absolute().name,
     )
 
@@ -84,8 +84,9 @@ def _check_loading_info(info: dict, path: Path) -> None:
         )
 
 
-def _unet_sha256(unet_dir: Path) -> str:
-    for name in UNET_WEIGHT_FILES:
-        if (unet_dir / name).is_file():
-            return sha256_file(unet_dir / name)
-    raise ExportError(f"{unet_dir} has no weights file (looked for {', '.join(UNET_WEIGHT_FILES)})")
+def weights_sha256(model_dir: Path) -> str:
+    """The sha256 of a diffusers model folder's weights file (the first of WEIGHT_FILES it has)."""
+    for name in WEIGHT_FILES:
+        if (model_dir / name).is_file():
+            return sha256_file(model_dir / name)
+    raise ExportError(f"{model_dir} has no weights file (looked for {', '.join(WEIGHT_FILES)})")

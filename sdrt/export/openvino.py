@@ -11,8 +11,8 @@ from sdrt.backends import get_backend
 from sdrt.bundle import BundleWriter, Component, Manifest
 from sdrt.errors import ExportError
 from sdrt.export.convert import (
-    GATE_REQUEST, check_gate, check_image_psnr, copy_tokenizer, open_onnx_source, provenance, reference_backend,
-    tool_versions,
+    GATE_REQUEST, check_gate, check_image_psnr, copy_tables, copy_tokenizer, open_onnx_source, provenance,
+    reference_backend, tool_versions,
 )
 from sdrt.runtime.pipeline import Pipeline
 from sdrt.runtime.request import GenerationRequest
@@ -97,6 +97,7 @@ def convert_bundle(
             for name, comp in source.components.items() if not (quantize_unet and name == "unet")
         }
         copy_tokenizer(src, source, writer.path)
+        copy_tables(src, source, writer.path)
         for tried, scheme in enumerate(schemes, start=1):
             if scheme:
                 unet = convert_component(src, source.components["unet"], writer.path, weights, calibration, scheme)

@@ -3,20 +3,37 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers.masking_utils import create_causal_mask
 
 # diffusers' DiagonalGaussianDistribution clamps the log-variance to this range before exp (autoencoders/vae.py).
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
 
 class TextEncoder(nn.Module):
-    """input_ids (int32 [batch, 77]) -> last_hidden_state [batch, 77, hidden]."""
+    """inputs_embeds [batch, 77, hidden] -> hidden_states [batch, layers, 77, hidden]: each layer's output through the
+    final layer norm (A1111 sd_hijack_clip.py encode_with_transformers, diffusers encode_prompt's clip_skip).
+
+    transformers' CLIPTextModel.forward takes token ids only, so its steps are spelled out here (transformers 5,
+    models/clip/modeling_clip.py): position embeddings added, the causal mask, the layers, the final layer norm.
+    """
 
     def __init__(self, text_encoder: nn.Module):
         super().__init__()
         self.text_encoder = text_encoder
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids.long(), return_dict=True).last_hidden_state
+    def forward(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        model = self.text_encoder
+        hidden = model.embeddings(inputs_embeds=inputs_embeds)
+        mask = create_causal_mask(config=model.config, inputs_embeds=hidden, attention_mask=None, cache=None)
+        states = []
+        for layer in model.encoder.layers:
+            hidden = layer(hidden, mask, is_causal=True)
+            states.append(model.final_layer_norm(hidden))
+        return torch.stack(states, dim=1)
+
+    def token_embedding(self) -> torch.Tensor:
+        """The [vocab, hidden] table the runtime looks token ids up in."""
+        return self.text_encoder.embeddings.token_embedding.weight
 
 
 class UNet(nn.Module):

@@ -12,7 +12,7 @@ from PIL import Image
 
 from sdrt import __version__
 from sdrt.backends import Backend, Session, get_backend
-from sdrt.bundle import Manifest, read_manifest, verify_files
+from sdrt.bundle import Component, Manifest, read_manifest, verify_files
 from sdrt.errors import BundleError
 from sdrt.runtime.guidance import ClassifierFreeGuidance
 from sdrt.runtime.image import infotext, to_pil
@@ -26,10 +26,13 @@ from sdrt.runtime.preview import linear_preview, tiny_decoder_preview
 from sdrt.runtime.prompts import prompt_embeddings
 from sdrt.runtime.request import GenerationRequest, scheduler_settings
 from sdrt.runtime.cfg_rescale import rescale_noise_cfg
+from sdrt.runtime.embeddings import EmbeddingLibrary, ti_hashes, used_embeddings
 from sdrt.runtime.safety import SafetyChecker, blacken
 from sdrt.runtime.samplers import make_schedule, sample, sampler_name, schedule_label
 from sdrt.runtime.schedules import Schedule
+from sdrt.runtime.text_encoder import TextEncoder
 from sdrt.runtime.tokenizer import ClipTokenizer
+from sdrt.runtime.vae_swap import SwappedVae, load_vae
 from sdrt.runtime.watermark import fits_watermark, embed_watermark, watermark_payload
 
 log = logging.getLogger(__name__)
@@ -83,34 +86,49 @@ def _unet_feeds(x_in: np.ndarray, t: float, context: np.ndarray) -> dict[str, np
 class Pipeline:
     """A loaded bundle on one backend; `denoise` yields steps, `generate` returns finished images."""
 
-    def __init__(self, root: Path, manifest: Manifest, backend: Backend):
-        self.root, self.manifest, self.backend = root, manifest, backend
+    def __init__(self, root: Path, manifest: Manifest, backend: Backend, *,
+                 embeddings_dir: Path | str | None = None, vae: SwappedVae | None = None):
+        self.root, self.manifest, self.backend, self.vae = root, manifest, backend, vae
+        self.text_encoder = TextEncoder(root, manifest, lambda feeds: self.prepared("text_encoder", feeds).run(feeds))
         tok = manifest.tokenizer
         self.tokenizer = ClipTokenizer.from_files(
             root / tok.vocab, root / tok.merges, max_length=tok.max_length, pad_token=tok.pad_token
         )
+        self.embeddings = None if embeddings_dir is None else \
+            EmbeddingLibrary.from_folder(embeddings_dir, self.tokenizer, self.text_encoder.width)
         self.denoised_from = parametrization(manifest.model.prediction_type)
         self._sessions: dict[str, Session] = {}
         for name in TXT2IMG:
             self.session(name)
 
     @classmethod
-    def load(cls, bundle: Path | str | None = None, backend: str | None = None, verify: bool = True, **options):
-        """Read and verify a bundle (default: the shipped model) and open its components on a backend."""
+    def load(cls, bundle: Path | str | None = None, backend: str | None = None, verify: bool = True, *,
+             embeddings_dir: Path | str | None = None, vae: Path | str | None = None, **options):
+        """Read and verify a bundle (default: the shipped model) and open its components on a backend; optionally
+        with the textual-inversion embeddings of a folder (A1111's embeddings folder) and another bundle's VAE."""
         root = Path(bundle) if bundle is not None else default_bundle()
         manifest = read_manifest(root)
         if verify:
             verify_files(root, manifest)
-        formats = {c.format for c in manifest.components.values()}
-        return cls(root, manifest, get_backend(backend, formats=formats, **options))
+        swapped = None if vae is None else load_vae(vae, manifest, verify)
+        formats = {c.format for c in manifest.components.values()} | (swapped.formats() if swapped else set())
+        engine = get_backend(backend, formats=formats, **options)
+        return cls(root, manifest, engine, embeddings_dir=embeddings_dir, vae=swapped)
 
     def session(self, name: str) -> Session:
         """The component's session, opened on first use."""
         if name not in self._sessions:
-            if name not in self.manifest.components:
-                raise BundleError(f"bundle {self.root} has no {name} component")
-            self._sessions[name] = self.backend.load(self.root, self.manifest.components[name])
+            self._sessions[name] = self.backend.load(*self.component(name))
         return self._sessions[name]
+
+    def component(self, name: str) -> tuple[Path, Component]:
+        """Where a component comes from: the swapped VAE's bundle for its parts, else this bundle."""
+        swapped = self.vae.components() if self.vae is not None else {}
+        if name in swapped:
+            return swapped[name]
+        if name not in self.manifest.components:
+            raise BundleError(f"bundle {self.root} has no {name} component")
+        return self.root, self.manifest.components[name]
 
     def prepared(self, name: str, feeds: dict[str, np.ndarray]) -> Session:
         """The session, with `feeds` checked against its contract and its shapes fixed to theirs.
@@ -132,18 +150,15 @@ class Pipeline:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def encode_prompts(self, prompts: list[str]) -> np.ndarray:
-        """A1111 prompts (attention syntax, BREAK, any length) -> hidden states [len(prompts), 77 * chunks, dim]."""
-        return prompt_embeddings(self.tokenizer, self._encode_ids, prompts)
-
-    def _encode_ids(self, ids: np.ndarray) -> np.ndarray:
-        """Token ids [n, 77] -> text encoder hidden states [n, 77, dim]."""
-        feeds = {"input_ids": ids.astype(np.int32)}
-        return self.prepared("text_encoder", feeds).run(feeds)["last_hidden_state"]
+    def encode_prompts(self, prompts: list[str], clip_skip: int = 1) -> np.ndarray:
+        """A1111 prompts (attention syntax, BREAK, embeddings, any length) -> hidden states [len(prompts),
+        77 * chunks, dim] at a clip skip."""
+        encode = functools.partial(self.text_encoder, clip_skip=clip_skip)
+        return prompt_embeddings(self.tokenizer, encode, prompts, embeddings=self.embeddings)
 
     def _guidance(self, req: GenerationRequest) -> ClassifierFreeGuidance:
         b = req.batch_size
-        embeddings = self.encode_prompts(req.negative_prompts() + req.prompts())
+        embeddings = self.encode_prompts(req.negative_prompts() + req.prompts(), req.clip_skip)
         return ClassifierFreeGuidance(cond=embeddings[b:], uncond=embeddings[:b], scale=req.guidance_scale)
 
     def _model(self, guidance: ClassifierFreeGuidance, start: Start, rescale: float):
@@ -284,7 +299,7 @@ class Pipeline:
         self, req: GenerationRequest, index: int, nsfw: bool | None = None, watermarked: bool = False
     ) -> str:
         """A1111 infotext for image `index` of a resolved batch; `nsfw` None: the safety checker did not run."""
-        seed = req.seed + index
+        seed, prompt, negative = req.seed + index, req.prompts()[index], req.negative_prompts()[index]
         source = self.manifest.source
         has_checker = "safety_checker" in self.manifest.components
         fields = {
@@ -297,6 +312,8 @@ class Pipeline:
             "RNG": "CPU" if req.seed_mode == "cpu" else None,  # A1111 writes it when not its default GPU source
             "Model hash": source.get("sha256", "")[:10],
             "Model": self.manifest.model.name,
+            "VAE hash": self.vae.short_hash if self.vae else None,
+            "VAE": self.vae.name if self.vae else None,
             "Denoising strength": None if req.init_image is None else f"{req.strength:g}",
             "Mask blur": req.mask_blur or None,
             "Inpaint area": "Only masked" if req.mask is not None and req.inpaint_full_res else None,
@@ -304,6 +321,8 @@ class Pipeline:
             else None,
             "Eta": None if req.eta is None else f"{req.eta:g}",
             "CFG Rescale phi": f"{req.guidance_rescale:g}" if req.guidance_rescale else None,
+            "Clip skip": req.clip_skip if req.clip_skip > 1 else None,  # as A1111 writes it
+            "TI hashes": ti_hashes(used_embeddings(self.tokenizer, self.embeddings, [prompt, negative])),
             "Model kind": None if req.kind == "standard" else req.kind,
             "VAE Decoder": "TAESD" if req.fast_decode else None,  # A1111's name for the TAESD choice
             "Safety checker": None if not has_checker else "off" if nsfw is None else "flagged" if nsfw
@@ -313,4 +332,4 @@ class Pipeline:
             "Backend": self.backend.label,
             "Version": f"sdrt {__version__}",
         }
-        return infotext(req.prompts()[index], req.negative_prompts()[index], fields)
+        return infotext(prompt, negative, fields)

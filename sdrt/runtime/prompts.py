@@ -2,21 +2,38 @@
 
 Reproduces AUTOMATIC1111/stable-diffusion-webui: modules/prompt_parser.py (`parse_prompt_attention`),
 modules/sd_hijack_clip.py (`tokenize_line`, `process_tokens`), modules/sd_emphasis.py ("Original"
-emphasis) and modules/sd_samplers_cfg_denoiser.py (`pad_cond_uncond`). Engine-free: the text encoder
-comes in as a function from ids [n, 77] to hidden states [n, 77, dim].
+emphasis) and modules/sd_samplers_cfg_denoiser.py (`pad_cond_uncond`). Textual-inversion embeddings are
+placed as A1111's `PromptChunkFix`es. Engine-free: the text encoder comes in as a function from ids [n, 77] and
+the fixes (row, position, vectors) to hidden states [n, 77, dim].
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
 from sdrt.errors import RequestError, printable
 from sdrt.runtime.tokenizer import ClipTokenizer
 
-EncodeFn = Callable[[np.ndarray], np.ndarray]
+
+
+class Fix(NamedTuple):
+    """Embedding vectors placed over a chunk's tokens from `position` on (BOS is position 0)."""
+
+    chunk: int
+    position: int
+    embedding: object  # an sdrt.runtime.embeddings.Embedding: `.name`, `.vectors` [n, dim]
+
+
+class EmbeddingLookup(Protocol):
+    def find(self, tokens: Sequence[int], position: int) -> tuple[object, int] | None:
+        """The embedding whose name's tokens start at `position`, and how many tokens the name takes."""
+
+
+# ids [n, 77] and the fixes as (row, position, vectors) -> hidden states [n, 77, dim]
+EncodeFn = Callable[[np.ndarray, Sequence[tuple[int, int, np.ndarray]]], np.ndarray]
 
 # Bounds on one prompt, so that its cost stays in proportion to its tokens. A1111 sets none; these are far above
 # what its users write (a long A1111 prompt is 3-6 chunks). Characters are checked before parsing: the attention
@@ -30,6 +47,7 @@ SQUARE_MULTIPLIER = 1 / 1.1  # "[word]"; A1111 square_bracket_multiplier
 COMMA_BACKTRACK = 20  # A1111 opts.comma_padding_backtrack default
 COMMA = ",</w>"
 BREAK = ("BREAK", -1.0)  # the parser's marker for "start a new chunk here"
+PLACEHOLDER = 0  # the token id A1111 puts where an embedding's vectors go (tokenize_line)
 
 # One token of the attention syntax, in A1111's re_attention order: a backslash escape (a lone "\" is
 # dropped), ":weight)", a bracket, a run of plain text, or a stray ":".
@@ -108,10 +126,12 @@ def _merge_equal_weights(res: list[list]) -> list[tuple[str, float]]:
 
 @dataclass(frozen=True)
 class PromptChunks:
-    """One prompt as n chunks of BOS + 75 tokens + EOS: ids int64 [n, 77] and multipliers float32 [n, 77]."""
+    """One prompt as n chunks of BOS + 75 tokens + EOS: ids int64 [n, 77], multipliers float32 [n, 77], and the
+    embeddings placed over them."""
 
     ids: np.ndarray
     multipliers: np.ndarray
+    fixes: tuple[Fix, ...] = ()
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -120,20 +140,29 @@ class PromptChunks:
         """These chunks followed by copies of the single `empty` chunk, n chunks in all."""
         extra = n - len(self)
         return PromptChunks(np.concatenate([self.ids, np.repeat(empty.ids, extra, axis=0)]),
-                            np.concatenate([self.multipliers, np.repeat(empty.multipliers, extra, axis=0)]))
+                            np.concatenate([self.multipliers, np.repeat(empty.multipliers, extra, axis=0)]),
+                            self.fixes)
 
 
 def tokenize_weighted(tokenizer: ClipTokenizer, text: str, *, comma_backtrack: int = COMMA_BACKTRACK,
-                      emphasis: bool = True) -> PromptChunks:
-    """Tokenize a prompt into chunks as A1111's tokenize_line does; emphasis=False reads brackets literally."""
+                      emphasis: bool = True, embeddings: EmbeddingLookup | None = None) -> PromptChunks:
+    """Tokenize a prompt into chunks as A1111's tokenize_line does; emphasis=False reads brackets literally; the
+    names of `embeddings` become their vectors."""
     parsed = parse_attention(text) if emphasis else [(text, 1.0)]
     builder = _ChunkBuilder(tokenizer, comma_backtrack)
     for part, weight in parsed:
         if (part, weight) == BREAK:
             builder.next_chunk()
-        else:
-            for token in tokenizer.token_ids(part):
-                builder.add(token, weight)
+            continue
+        tokens, position = tokenizer.token_ids(part), 0
+        while position < len(tokens):
+            found = embeddings.find(tokens, position) if embeddings is not None else None
+            if found is None:
+                builder.add(tokens[position], weight)
+                position += 1
+            else:
+                builder.add_embedding(tokens[position], found[0], weight)
+                position += found[1]
     return builder.finish()
 
 
@@ -145,24 +174,41 @@ class _ChunkBuilder:
         self.size = tokenizer.max_length - 2
         self.comma = tokenizer.backend.token_to_id(COMMA)
         self.chunks: list[tuple[list[int], list[float]]] = []
+        self.fixes: list[Fix] = []
         self.tokens: list[int] = []
         self.multipliers: list[float] = []
+        self.placed: list[tuple[int, object]] = []  # (index in self.tokens, embedding) of this chunk
         self.last_comma = -1
 
     def add(self, token: int, weight: float) -> None:
+        self._make_room(token)
+        self.tokens.append(token)
+        self.multipliers.append(weight)
+
+    def add_embedding(self, token: int, embedding, weight: float) -> None:
+        """An embedding whose name starts with `token`: its vectors go whole into one chunk, as in A1111."""
+        self._make_room(token)
+        n = len(embedding.vectors)
+        if len(self.tokens) + n > self.size:
+            self.next_chunk()
+        self.placed.append((len(self.tokens), embedding))
+        self.tokens += [PLACEHOLDER] * n
+        self.multipliers += [weight] * n
+
+    def _make_room(self, token: int) -> None:
         if token == self.comma:
             self.last_comma = len(self.tokens)
         elif self._backtrack():
-            # The chunk is full and a comma is near its end: the words after the comma move on.
+            # The chunk is full and a comma is near its end: the words after the comma move on, embeddings
+            # included (A1111 moves the tokens but leaves their PromptChunkFix behind, losing the embedding).
             cut = self.last_comma + 1
-            tail = self.tokens[cut:], self.multipliers[cut:]
+            tail = self.tokens[cut:], self.multipliers[cut:], [(i - cut, e) for i, e in self.placed if i >= cut]
             self.tokens, self.multipliers = self.tokens[:cut], self.multipliers[:cut]
+            self.placed = [(i, e) for i, e in self.placed if i < cut]
             self.next_chunk()
-            self.tokens, self.multipliers = tail
+            self.tokens, self.multipliers, self.placed = tail
         if len(self.tokens) == self.size:
             self.next_chunk()
-        self.tokens.append(token)
-        self.multipliers.append(weight)
 
     def _backtrack(self) -> bool:
         return (self.comma_backtrack != 0 and len(self.tokens) == self.size and self.last_comma != -1
@@ -173,8 +219,9 @@ class _ChunkBuilder:
             raise RequestError(f"prompt is over {MAX_CHUNKS} chunks of {self.size} tokens "
                                f"({MAX_CHUNKS * self.size} tokens); shorten it")
         padding = [1.0] * (self.size + 1 - len(self.tokens))
+        self.fixes += [Fix(len(self.chunks), i + 1, e) for i, e in self.placed]  # + 1: after BOS
         self.chunks.append((self._ids(self.tokens), [1.0] + self.multipliers + padding))
-        self.tokens, self.multipliers, self.last_comma = [], [], -1
+        self.tokens, self.multipliers, self.placed, self.last_comma = [], [], [], -1
 
     def _ids(self, tokens: list[int]) -> list[int]:
         t = self.tokenizer
@@ -189,7 +236,7 @@ class _ChunkBuilder:
         if self.tokens or not self.chunks:
             self.next_chunk()
         ids, multipliers = zip(*self.chunks)
-        return PromptChunks(np.array(ids, dtype=np.int64), np.array(multipliers, dtype=np.float32))
+        return PromptChunks(np.array(ids, dtype=np.int64), np.array(multipliers, dtype=np.float32), tuple(self.fixes))
 
 
 def pad_chunks(prompts: Sequence[PromptChunks], empty: PromptChunks) -> list[PromptChunks]:
@@ -214,15 +261,23 @@ def encode_weighted(encode_fn: EncodeFn, prompts: Sequence[PromptChunks]) -> np.
     counts = sorted({len(p) for p in prompts})
     if len(counts) != 1:
         raise ValueError(f"expected prompts with equal chunk counts (use pad_chunks), got counts {counts}")
-    z = encode_fn(np.concatenate([p.ids for p in prompts]))
+    z = encode_fn(np.concatenate([p.ids for p in prompts]), batch_fixes(prompts))
     z = emphasize(z, np.concatenate([p.multipliers for p in prompts]))
     return z.reshape(len(prompts), counts[0] * z.shape[1], z.shape[2])
 
 
+def batch_fixes(prompts: Sequence[PromptChunks]) -> list[tuple[int, int, np.ndarray]]:
+    """The prompts' fixes as (row, position, vectors), rows counted over the prompts' chunks stacked in order."""
+    starts = np.cumsum([0] + [len(p) for p in prompts])
+    return [(int(start) + f.chunk, f.position, f.embedding.vectors) for p, start in zip(prompts, starts) for f in p.fixes]
+
+
 def prompt_embeddings(tokenizer: ClipTokenizer, encode_fn: EncodeFn, prompts: Sequence[str], *,
-                      comma_backtrack: int = COMMA_BACKTRACK, emphasis: bool = True) -> np.ndarray:
+                      comma_backtrack: int = COMMA_BACKTRACK, emphasis: bool = True,
+                      embeddings: EmbeddingLookup | None = None) -> np.ndarray:
     """A1111 prompts -> text-encoder hidden states [len(prompts), 77 * chunks, dim], padded to equal length."""
     if isinstance(prompts, str):
         raise TypeError("expected a list of prompts, got a str")
-    chunks = [tokenize_weighted(tokenizer, p, comma_backtrack=comma_backtrack, emphasis=emphasis) for p in prompts]
+    chunks = [tokenize_weighted(tokenizer, p, comma_backtrack=comma_backtrack, emphasis=emphasis,
+                                embeddings=embeddings) for p in prompts]
     return encode_weighted(encode_fn, pad_chunks(chunks, tokenize_weighted(tokenizer, "")))

@@ -17,6 +17,7 @@ from sdrt.runtime.presets import preset_for, scheduler_config
 from sdrt.runtime.prompts import check_prompt
 from sdrt.runtime.resize import resize, resize_mode_name, rounded_size
 from sdrt.runtime.samplers import make_schedule, resolve_sampler, sampler_for_config
+from sdrt.runtime.text_encoder import check_clip_skip
 
 MAX_STEPS = 1000
 MAX_NAME = 64  # sampler, schedule and kind names: sampler labels with a schedule type are under 30 characters
@@ -58,6 +59,8 @@ class GenerationRequest:
     # A1111's "Resize mode" for an init image (and mask) of another size than the request: "just resize",
     # "crop and resize", "resize and fill" (or A1111's index 0-2).
     resize_mode: str | int = "just resize"
+    # A1111's "Clip skip": the text encoder's layer -N, then its final layer norm (diffusers' clip_skip is N - 1)
+    clip_skip: int = 1
     # Set by `resolve`: every field is final (defaults filled, seed fixed, names canonical, images converted).
     resolved: bool = field(default=False, repr=False, compare=False)
 
@@ -206,6 +209,7 @@ class GenerationRequest:
         if self.fast_decode and "taesd_decoder" not in manifest.components:
             raise RequestError("fast decode needs a bundle with a tiny decoder (sdrt export --taesd FOLDER)")
         self._check_images(manifest)
+        check_clip_skip(manifest, self.clip_skip)
 
     def _check_images(self, manifest: Manifest) -> None:
         extra = extra_unet_channels(manifest)
