@@ -82,11 +82,17 @@ def opened_files(root: Path, component) -> list[str]:
 
 
 def check_opened(root: Path, manifest) -> None:
-    """Refuse a bundle whose engines or tokenizer would open a file its manifest does not list with a sha256."""
-    for rel in (manifest.tokenizer.vocab, manifest.tokenizer.merges):
+    """Refuse a bundle whose engines, tokenizer or tables would open a file its manifest does not list with a
+    sha256 (a VAE-only bundle has no tokenizer)."""
+    tokenizer = (manifest.tokenizer.vocab, manifest.tokenizer.merges) if "text_encoder" in manifest.components else ()
+    for rel in tokenizer:
         if rel not in manifest.files:
             raise BundleError(f"the tokenizer's {printable(rel)} has no checksum in the manifest")
     for comp in manifest.components.values():
+        for name, rel in comp.tables.items():
+            if rel not in manifest.files:
+                raise BundleError(f"component {comp.name}'s table {printable(name)} ({printable(rel)}) has no "
+                                  "checksum in the manifest")
         opened = opened_files(root, comp)
         declared = comp.files or tuple(opened)
         unlisted = [rel for rel in opened if rel not in declared]

@@ -26,6 +26,8 @@ MAX_TRAIN_TIMESTEPS = 10_000  # SD uses 1000; the training betas are an array of
 MAX_FILES = 10_000
 MAX_MANIFEST_BYTES = 16 << 20  # an SD manifest is about 10 kB
 REQUIRED_COMPONENTS = ("text_encoder", "unet", "vae_decoder")
+VAE_FAMILY = "vae"  # a VAE-only bundle (sdrt export --vae-only), swapped into a model's with --vae
+VAE_COMPONENTS = ("vae_decoder",)
 
 # A path inside the bundle: relative, "/"-separated, no empty, "." or ".." parts (no part starts with a dot), and
 # only characters no engine or shell gives a meaning to (ONNX Runtime reads "*/_ORT_MEM_ADDR_/*" as a memory
@@ -54,8 +56,8 @@ SIDE = _int(8, MAX_IMAGE_SIDE)
 TIMESTEPS = _int(0, MAX_TRAIN_TIMESTEPS)
 
 MODEL = Record({
-    "family": Text(choices=("sd1", "sd2")),
-    "prediction_type": Text(choices=("epsilon", "v_prediction")),
+    "family": Text(choices=("sd1", "sd2", VAE_FAMILY)),
+    "prediction_type": Text(choices=("epsilon", "v_prediction", "")),  # "": a VAE-only bundle has none
     "latent_scale_factor": Number(1e-4, 1e4),
     "latent_channels": _int(1, 64),
     "vae_scale_factor": _int(1, 64),
@@ -208,15 +210,23 @@ def _contracts_fit(m) -> bool:
                for name, c in m.components.items() if name in EXPECTED_CONTRACTS)
 
 
+def _required(m) -> tuple[str, ...]:
+    return VAE_COMPONENTS if m.model.family == VAE_FAMILY else REQUIRED_COMPONENTS
+
+
 def _tokenizer_fits(m) -> bool:
+    if "text_encoder" not in m.components:
+        return True
     tokens = m.components["text_encoder"].contract.inputs[0]  # ids, or their embeddings: [batch, length, ...]
     return tokens.shape[1] == m.tokenizer.max_length
 
 
 # Rules across keys, checked on the Manifest built from a valid document (so missing keys have their defaults).
 INVARIANTS = (
-    Invariant(f"components: the bundle needs {', '.join(REQUIRED_COMPONENTS)}",
-              lambda m: all(c in m.components for c in REQUIRED_COMPONENTS)),
+    Invariant(f"components: a model bundle needs {', '.join(REQUIRED_COMPONENTS)} (a VAE bundle "
+              f"{', '.join(VAE_COMPONENTS)})", lambda m: all(c in m.components for c in _required(m))),
+    Invariant("model.prediction_type: expected 'epsilon' or 'v_prediction' in a model bundle",
+              lambda m: m.model.family == VAE_FAMILY or m.model.prediction_type != ""),
     Invariant("shapes: expected min_size <= model.default_size <= max_size, the default size a multiple of "
               "multiple_of, and multiple_of a multiple of model.vae_scale_factor", _sizes_hold),
     Invariant("scheduler: expected trained_betas to hold num_train_timesteps values, and steps_offset and "
