@@ -72,9 +72,14 @@ class Component:
     # How the file stores its large weights: "fp32", or "fp16" cast back to fp32 by the graph (sdrt.export.
     # fp16_storage). `precision` is what the graph computes in; written only when not "fp32", as old bundles lack it.
     weights_storage: str = "fp32"
+    # Where each torch parameter is in `file` (sdrt.weights_map; a file listed in `files`); "" in bundles exported
+    # before weights maps.
+    weights_map: str = ""
 
     def to_dict(self) -> dict:
         storage = {"weights_storage": self.weights_storage} if self.weights_storage != "fp32" else {}
+        if self.weights_map:
+            storage["weights_map"] = self.weights_map
         d = {
             "file": self.file,
             "format": self.format,
@@ -96,6 +101,7 @@ class Component:
             d.get("validation", {}),
             d.get("preprocess", {}),
             d.get("weights_storage", "fp32"),
+            d.get("weights_map", ""),
         )
 
 
@@ -188,8 +194,9 @@ def verify_files(bundle: Path | str, manifest: Manifest, *, remembered: bool = T
 
     root = Path(bundle)
     for comp in manifest.components.values():
-        if comp.file not in manifest.files:
-            raise BundleError(f"component {comp.name}'s file {comp.file} has no checksum in the manifest")
+        for rel in filter(None, (comp.file, comp.weights_map)):
+            if rel not in manifest.files:
+                raise BundleError(f"component {comp.name}'s file {rel} has no checksum in the manifest")
     verified = VerifiedFiles() if remembered else None
     for rel, digest in manifest.files.items():
         path = root / rel

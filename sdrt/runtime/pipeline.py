@@ -19,6 +19,7 @@ from sdrt.runtime.image import infotext, to_pil
 from sdrt.runtime.img2img import (
     Encoder, Start, extra_unet_channels, image_array, img2img_start, inpaint_start, txt2img_start,
 )
+from sdrt.runtime.lora import Adapters, LoraSpec, infotext_prompt, strip_tags
 from sdrt.runtime.masks import InpaintArea, inpaint_area, mask_array
 from sdrt.runtime.noise import PerImageNoise
 from sdrt.runtime.parametrization import c_in, parametrization
@@ -85,6 +86,7 @@ class Pipeline:
         )
         self.denoised_from = parametrization(manifest.model.prediction_type)
         self._sessions: dict[str, Session] = {}
+        self._adapters, self._weights = Adapters(), {}  # parsed LoRA files; component -> key of its deltas
         for name in TXT2IMG:
             self.session(name)
 
@@ -105,6 +107,19 @@ class Pipeline:
                 raise BundleError(f"bundle {self.root} has no {name} component")
             self._sessions[name] = self.backend.load(self.root, self.manifest.components[name])
         return self._sessions[name]
+
+    def use_loras(self, loras: tuple[LoraSpec, ...]) -> None:
+        """Reopen the components whose weights `loras` change differently from now (sdrt.runtime.lora)."""
+        for name in ("text_encoder", "unet"):
+            deltas = self._adapters.deltas(loras, name)
+            key = deltas.key if deltas else ""
+            if self._weights.get(name, "") != key:
+                if name in self._sessions:
+                    self._sessions.pop(name).close()
+                component = self.manifest.components[name]
+                self._sessions[name] = self.backend.load(self.root, component, deltas) if deltas else \
+                    self.backend.load(self.root, component)
+                self._weights[name] = key
 
     def prepared(self, name: str, feeds: dict[str, np.ndarray]) -> Session:
         """The session, with `feeds` checked against its contract and its shapes fixed to theirs.
@@ -137,7 +152,7 @@ class Pipeline:
 
     def _guidance(self, req: GenerationRequest) -> ClassifierFreeGuidance:
         b = req.batch_size
-        embeddings = self.encode_prompts([req.negative_prompt] * b + [req.prompt] * b)
+        embeddings = self.encode_prompts([req.negative_prompt] * b + [strip_tags(req.prompt)] * b)
         return ClassifierFreeGuidance(cond=embeddings[b:], uncond=embeddings[:b], scale=req.guidance_scale)
 
     def _model(self, guidance: ClassifierFreeGuidance, start: Start, rescale: float):
@@ -169,6 +184,7 @@ class Pipeline:
     def denoise(self, request: GenerationRequest) -> Iterator[Step]:
         """The denoising loop as a generator: one Step per sampler step; stop iterating to cancel."""
         req = request.resolve(self.manifest)
+        self.use_loras(req.loras)
         noise = PerImageNoise(req.seed, req.batch_size, req.seed_mode)
         schedule = self.schedule(req)
         start = self.start(req, noise, schedule)
@@ -289,6 +305,7 @@ class Pipeline:
             "RNG": "CPU" if req.seed_mode == "cpu" else None,  # A1111 writes it when not its default GPU source
             "Model hash": source.get("sha256", "")[:10],
             "Model": self.manifest.model.name,
+            "Lora hashes": self._adapters.hashes(req.loras),  # A1111's extra_networks_lora.py
             "Denoising strength": None if req.init_image is None else f"{req.strength:g}",
             "Mask blur": req.mask_blur or None,
             "Inpaint area": "Only masked" if req.mask is not None and req.inpaint_full_res else None,
@@ -305,4 +322,4 @@ class Pipeline:
             "Backend": self.backend.label,
             "Version": f"sdrt {__version__}",
         }
-        return infotext(req.prompt, req.negative_prompt, fields)
+        return infotext(infotext_prompt(req.prompt, req.loras), req.negative_prompt, fields)

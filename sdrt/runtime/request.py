@@ -4,12 +4,14 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from PIL import Image
 
 from sdrt.bundle import Manifest
 from sdrt.errors import RequestError
 from sdrt.runtime.img2img import INPAINT_CHANNELS, extra_unet_channels, rgb
+from sdrt.runtime.lora import lora_kind, resolve_loras
 from sdrt.runtime.noise import SEED_MODES
 from sdrt.runtime.presets import preset_for, scheduler_config
 from sdrt.runtime.samplers import make_schedule, resolve_sampler
@@ -48,11 +50,16 @@ class GenerationRequest:
     mask_blur: int = 0  # A1111's "Mask blur" in pixels: softens the mask and pastes the result over the original
     inpaint_full_res: bool = False  # A1111's "Inpaint area: Only masked": generate a crop around the mask
     inpaint_full_res_padding: int = 32  # A1111's "Only masked padding, pixels" around the mask's bounding box
+    # LoRAs (sdrt.runtime.lora): paths, (path, strength) pairs or LoraSpecs, plus the prompt's <lora:name:strength>
+    # tags, found in `lora_dir`. `resolve` makes them LoraSpecs; an LCM-LoRA makes the default kind "lcm".
+    loras: tuple = ()
+    lora_dir: str | Path | None = None
 
     def resolve(self, manifest: Manifest) -> GenerationRequest:
         """Fill defaults from the bundle and check every field, raising RequestError with a one-line reason."""
+        loras = resolve_loras(self.prompt, self.loras, self.lora_dir)
         try:
-            preset = preset_for(manifest, self.kind)
+            preset = preset_for(manifest, self.kind or lora_kind(loras))
         except ValueError as e:
             raise RequestError(str(e)) from None
         steps, guidance_scale, sampler = preset.fill(self.steps, self.guidance_scale, self.sampler)
@@ -60,7 +67,8 @@ class GenerationRequest:
         seed = secrets.randbelow(2**32) if self.seed is None else self.seed
         req = replace(
             self, steps=steps, guidance_scale=guidance_scale,
-            sampler=sampler or default_sampler(manifest.scheduler), seed=seed, kind=preset.kind, **self._images(size),
+            sampler=sampler or default_sampler(manifest.scheduler), seed=seed, kind=preset.kind, loras=loras,
+            **self._images(size),
         )
         req._check(manifest)
         try:
