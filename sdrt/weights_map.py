@@ -49,6 +49,11 @@ class EngineWeight:
         x = x.T if self.transpose else x
         return x.reshape(self.engine_shape) if self.engine_shape else x
 
+    def to_torch(self, value: np.ndarray) -> np.ndarray:
+        """A tensor in the engine's layout, in the torch parameter's."""
+        x = value.reshape(self.shape[::-1] if self.transpose else self.shape)
+        return x.T if self.transpose else x
+
     def to_dict(self) -> dict:
         d = {"name": self.name, "shape": list(self.shape)}
         if self.transpose:
@@ -148,9 +153,11 @@ def _fits(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
 def plan(weights_map: WeightsMap, deltas, component: str) -> list:
     """[(EngineWeight, delta)] for `deltas` (sdrt.backends.base.WeightDeltas), all checked before any is computed:
     every name is in the map and every delta has its parameter's shape (a wrong shape would crash an engine)."""
-    steps, missing, wrong = [], [], []
+    steps, missing, wrong, seen = [], [], [], {}
     for name, delta in deltas.deltas.items():
         entry = weights_map.find(name)
+        if entry is not None and seen.setdefault(entry.name, name) != name:
+            raise RequestError(f"{component}: {seen[entry.name]} and {name} are one weight; give one change for it")
         if entry is None:
             missing.append(name)
         elif not _fits(tuple(delta.shape), entry.shape):

@@ -6,7 +6,8 @@ Subtract zero point -> Multiply scale, per output channel, asymmetric: nncf INT8
 Convert -> Multiply scale, per output channel, symmetric over [-127, 127]: NNCF's weight quantizer). A changed
 weight is stored the way the original was: rounded to fp16, or quantized again with new per-channel scales (and
 zero points) computed as NNCF computes them, so an int8 bundle stays int8 and runs the same kernels. Quantized
-layers keep their activation ranges, which were calibrated on the unchanged model.
+layers keep their activation ranges, which were calibrated on the unchanged model. A MatMul whose input NNCF's
+SmoothQuant scales (x * s -> FakeQuantize -> MatMul with W / s) holds W / s: it is read and written through s.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from sdrt.weights_map import EngineWeight, WeightsMap, module_of, plan
 WEIGHT_PORTS = {"MatMul": 1, "Convolution": 1, "GroupConvolution": 1, "Gather": 0}
 UINT8_LEVELS = (0, 255)
 INT8_LEVELS = (-127, 127)  # narrow range: NNCF's symmetric weight quantizer never uses -128
+SMOOTH_QUANT = "nncf_smooth_quant"  # the name NNCF gives the Multiply that scales a smoothed layer's input
 
 
 @dataclass
@@ -33,16 +35,19 @@ class StoredWeight:
     data: ov.Node
     zero_point: ov.Node | None = None
     scale: ov.Node | None = None
+    smoothing: np.ndarray | None = None  # SmoothQuant's input scale, shaped to multiply the stored weight
 
     def value(self) -> np.ndarray:
-        """The weight as the layer sees it, float32, in the engine's layout."""
+        """The weight as the model computes with it, float32, in the engine's layout."""
         w = self.data.get_data().astype(np.float32)
         if self.zero_point is not None:
             w = w - self.zero_point.get_data().astype(np.float32)
-        return w * self.scale.get_data().astype(np.float32) if self.scale is not None else w
+        w = w * self.scale.get_data().astype(np.float32) if self.scale is not None else w
+        return w * self.smoothing if self.smoothing is not None else w
 
     def replace(self, value: np.ndarray) -> None:
         """Store `value` (float32, engine layout) as the original was stored."""
+        value = value / self.smoothing if self.smoothing is not None else value
         kind = self.data.get_data().dtype
         if self.scale is None:
             _swap(self.data, value.astype(kind))
@@ -94,6 +99,8 @@ def stored_weight(data: ov.Node) -> StoredWeight:
     node, stored = data, StoredWeight(data)
     while True:
         users = [t.get_node() for t in node.output(0).get_target_inputs()]
+        if len(users) == 1 and users[0].get_type_name() == "MatMul":
+            stored.smoothing = _smoothing(users[0])
         if len(users) != 1 or users[0].get_type_name() not in ("Convert", "Subtract", "Multiply"):
             return stored
         node = users[0]
@@ -114,6 +121,22 @@ def _other_constant(node: ov.Node, stored: StoredWeight) -> ov.Node | None:
     if source.get_type_name() == "Convert":
         source = source.input_value(0).get_node()
     return source if source.get_type_name() == "Constant" and source is not stored.data else None
+
+
+def _smoothing(matmul: ov.Node) -> np.ndarray | None:
+    """The per-input-channel scale NNCF's SmoothQuant multiplies a MatMul's input by, shaped for its weight."""
+    source = matmul.input_value(0).get_node()
+    if source.get_type_name() == "FakeQuantize":
+        source = source.input_value(0).get_node()
+    if source.get_type_name() != "Multiply" or not source.get_friendly_name().endswith(SMOOTH_QUANT):
+        return None
+    scale = next((i.get_source_output().get_node() for i in source.inputs()
+                  if i.get_source_output().get_node().get_type_name() == "Constant"), None)
+    if scale is None:
+        return None
+    s = scale.get_data().astype(np.float32).reshape(-1)
+    # transpose_b: the weight is [out, in] and the input channels are its columns; else [in, out], its rows.
+    return s[None, :] if matmul.get_attributes().get("transpose_b", False) else s[:, None]
 
 
 def data_constant(layer: ov.Node, port: int) -> ov.Node | None:

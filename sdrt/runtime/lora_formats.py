@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sdrt.errors import RequestError
+from sdrt.weights_map import TEXT_MODEL_PREFIX
 
 COMPONENTS = {"lora_unet_": "unet", "lora_te_": "text_encoder", "lora_te1_": "text_encoder"}
 DIFFUSERS_COMPONENTS = ("unet", "text_encoder")
@@ -57,7 +58,9 @@ class LoraModule:
 
     @property
     def target(self) -> str:
-        return f"{self.module}.weight"
+        """The torch weight it changes, text-encoder names without transformers 4's `text_model.` (every file
+        spells one weight one way, so LoRAs of both spellings add up: sdrt.weights_map.WeightsMap.find)."""
+        return f"{self.module.removeprefix(TEXT_MODEL_PREFIX)}.weight"
 
     @property
     def rank(self) -> int | None:
