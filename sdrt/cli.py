@@ -52,6 +52,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--no-watermark", dest="watermark", action="store_false",
                    help="do not embed the SD scripts' invisible watermark (on by default, images >= 256x256)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]", help="apply a LoRA "
+                   "(.safetensors, .pt; kohya/A1111 or diffusers) at STRENGTH (default 1); repeatable. An LCM-LoRA "
+                   "makes the default kind lcm")
+    p.add_argument("--lora-dir", type=Path, help="folder the prompt's <lora:NAME:STRENGTH> tags are found in")
     _add_img2img_options(p)
     p.set_defaults(run=_generate)
 
@@ -151,6 +155,7 @@ def _generate(args) -> int:
     from tqdm import tqdm
 
     from sdrt.runtime.image import check_writable, save_png
+    from sdrt.runtime.lora import parse_lora_argument
     from sdrt.runtime.pipeline import Pipeline
     from sdrt.runtime.request import GenerationRequest
     from sdrt.runtime.samplers import sampler_label
@@ -171,6 +176,7 @@ def _generate(args) -> int:
             init_image=init_image, strength=args.strength, mask=mask,
             mask_blur=args.mask_blur,
             inpaint_full_res=args.inpaint_only_masked, inpaint_full_res_padding=args.padding,
+            loras=tuple(map(parse_lora_argument, args.lora)), lora_dir=args.lora_dir,
         ).resolve(pipe.manifest)
         last = None
         total = pipe.schedule(req).steps  # model evaluations: 2n - 1 for two-stage samplers such as Heun
