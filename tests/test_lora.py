@@ -208,3 +208,25 @@ def test_adapters_key_changes_with_strength_not_with_reading(tiny_loras):
     assert first.key == same.key != other.key
     assert len(adapters._files) == 1
     assert adapters.deltas((replace(given_lora(tiny_loras["kohya"]), unet=0.0),), "unet") is None
+
+
+def test_shipped_fp16_model_takes_loras(tmp_path, record_property):
+    """The shipped model stores fp16 (and, until exported again, predates weights maps: its map is then derived from
+    node names); changed weights are rounded to fp16. Its image with a LoRA is as close to diffusers' (fp32
+    weights) as its image without one, within twice that gap (fp16 rounds weight + change as it rounded the weight)."""
+    from tiny_loras import kohya_state_dict, save
+
+    from sdrt.runtime.pipeline import default_bundle
+
+    folder = Path(__file__).resolve().parent.parent / "models" / "sdrt-shapes"
+    assert read_manifest(default_bundle()).components["unet"].weights_storage == "fp16"
+    reference = diffusers_reference(diffusers.StableDiffusionPipeline, folder)
+    lora = [(save(kohya_state_dict(reference.unet, reference.text_encoder), tmp_path / "shapes.safetensors"), 0.3)]
+    expected, expected_base = diffusers_image(folder, lora), diffusers_image(folder)
+    with Pipeline.load(None, backend="onnxruntime") as pipe:
+        got, got_base = sdrt_image(pipe, loras=lora), sdrt_image(pipe)
+    gap, base_gap = float(np.abs(got - expected).max()), float(np.abs(got_base - expected_base).max())
+    record_property("max_abs", gap)
+    print(f"shipped: {gap:.4f} with the LoRA, {base_gap:.4f} without")
+    assert np.abs(expected - expected_base).max() > MIN_EFFECT
+    assert gap <= max(2 * base_gap, 2 * PIXEL_TOL)
