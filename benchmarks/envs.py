@@ -66,6 +66,13 @@ SPECS = {
             # torch ('operator torchvision::nms does not exist'), and diffusion pipelines never use it.
             remove=("torchvision",),
         ),
+        # OpenVINO GenAI, the torch-free peer: its C++ Text2ImagePipeline on optimum-intel's export, whose tokenizer
+        # openvino-tokenizers converts (its `transformers` extra reads the Hugging Face tokenizer files).
+        VenvSpec(
+            "openvino-genai",
+            requirements=("openvino-genai==2026.4.1.0", "openvino-tokenizers[transformers]==2026.4.1.0",
+                          "openvino==2026.4.1", "Pillow"),
+        ),
         VenvSpec("sdrt-onnxruntime", requirements=("onnxruntime==1.32.0",), editable_sdrt="onnxruntime"),
         VenvSpec(
             "sdrt-openvino", requirements=("openvino==2026.4.1", "nncf==3.4.0"), editable_sdrt="openvino",
