@@ -25,8 +25,8 @@ from sdrt.runtime.request import GenerationRequest  # noqa: E402
 PIXEL_TOL = 1.0 / 255
 # A LoRA must move the image by more than this, or parity would not show that it was applied.
 MIN_EFFECT = 0.05
-# int8 bundles: the LoRA image may be as far from diffusers' as the int8 image without LoRA is from the fp32 one,
-# twice over (weights quantized again with the change) plus this.
+# int8 UNets: the output with a LoRA may be as far from fp32's with that LoRA as the int8 output without it is from
+# fp32's, twice over (weights quantized again with the change), plus this (outputs are O(1) noise predictions).
 INT8_SLACK = 0.02
 PROMPT, SEED, STEPS, SIZE, STRENGTH = "a red circle on a blue background", 3, 6, 64, 0.8
 ENGINES = [("onnxruntime", {}), ("openvino", {"precision": "f32"})]
@@ -150,7 +150,7 @@ def test_strength_is_in_the_compiled_model_cache_key(tiny_sd1_openvino_bundle, t
         backend = OpenVinoBackend(precision="f32", cache_dir=tmp_path)
         with Pipeline(tiny_sd1_openvino_bundle, read_manifest(tiny_sd1_openvino_bundle), backend) as pipe:
             sdrt_image(pipe, loras=[(tiny_loras["kohya"], strength)], steps=1)
-        return len(list(tmp_path.glob("*.blob")))
+        return len(list(tmp_path.glob("*.entry/model.blob")))  # sdrt.cache.EngineCache entries
 
     base = blobs_after(0.0)  # strength 0 changes nothing: the plain model's blobs
     first = blobs_after(0.5)
@@ -175,26 +175,40 @@ def test_lora_for_another_model_is_refused_before_any_engine_runs(tiny_sd1_bundl
             sdrt_image(pipe, loras=[missing])
 
 
-@pytest.mark.parametrize("quantize", [False, True], ids=["int8-weights", "int8-quantized"])
-def test_int8_bundles_keep_int8_and_follow_the_lora(tiny_sd1_bundle, tiny_loras, tmp_path, quantize, record_property):
-    """int8 IR: the change is quantized again (per channel, as NNCF does); the LoRA image is as close to fp32's LoRA
-    image as the int8 image is to the fp32 image."""
-    from sdrt.export.openvino import convert_bundle
+def _unet_feeds(seed: int) -> dict[str, np.ndarray]:
+    """Random inputs of one tiny-UNet call (batch 1, 64x64 pixels, cross-attention width 32)."""
+    rng = np.random.default_rng(seed)
+    return {"sample": rng.standard_normal((1, 4, 8, 8), dtype=np.float32),
+            "timestep": np.full(1, rng.uniform(0, 1000), np.float32),
+            "encoder_hidden_states": rng.standard_normal((1, 77, 32), dtype=np.float32)}
 
-    out = tmp_path / "int8"
-    convert_bundle(tiny_sd1_bundle, out, weights="int8", quantize_unet=quantize, psnr_gate=0)
-    lora = [(tiny_loras["kohya"], STRENGTH)]
-    images = {}
-    for name, bundle in (("fp32", tiny_sd1_bundle), ("int8", out)):
-        with Pipeline.load(bundle, backend="openvino", precision="f32") as pipe:
-            images[name], images[name + "+lora"] = sdrt_image(pipe), sdrt_image(pipe, loras=lora)
-    base_gap = float(np.abs(images["int8"] - images["fp32"]).max())
-    lora_gap = float(np.abs(images["int8+lora"] - images["fp32+lora"]).max())
+
+@pytest.mark.parametrize("quantize", [False, True], ids=["int8-weights", "int8-quantized"])
+def test_int8_unets_keep_int8_and_follow_the_lora(tiny_sd1_bundle, tiny_loras, tmp_path, quantize, record_property):
+    """int8 IR (weights only, or NNCF-quantized with SmoothQuant on the feed-forward input): the change is quantized
+    again per channel as NNCF does; the UNet with the LoRA is as close to fp32's with the LoRA as it is without."""
+    from sdrt.backends.openvino import OpenVinoBackend
+    from sdrt.export.openvino import QUANTIZATION_SCHEMES, convert_component
+    from sdrt.runtime.lora import given_lora
+
+    fp32 = read_manifest(tiny_sd1_bundle).components["unet"]
+    calibration = [_unet_feeds(seed) for seed in range(8)] if quantize else None
+    int8 = convert_component(tiny_sd1_bundle, fp32, tmp_path, "int8", calibration, QUANTIZATION_SCHEMES[0])
+    deltas = Adapters().deltas((given_lora((tiny_loras["kohya"], STRENGTH)),), "unet")
+    feeds, out = _unet_feeds(100), {}
+    for name, root, component in (("fp32", tiny_sd1_bundle, fp32), ("int8", tmp_path, int8)):
+        for suffix, change in (("", None), ("+lora", deltas)):
+            session = OpenVinoBackend(precision="f32", cache=False).load(root, component, change)
+            session.prepare(component.contract.check_inputs(feeds))
+            out[name + suffix] = session.run(feeds)["model_output"]
+    base_gap = float(np.abs(out["int8"] - out["fp32"]).max())
+    lora_gap = float(np.abs(out["int8+lora"] - out["fp32+lora"]).max())
     record_property("int8_gap", base_gap)
     record_property("int8_lora_gap", lora_gap)
-    print(f"int8 ({'quantized' if quantize else 'weights'}): {base_gap:.3f} without LoRA, {lora_gap:.3f} with")
+    print(f"{int8.precision}: {base_gap:.3f} without LoRA, {lora_gap:.3f} with")
+    assert int8.precision.startswith("int8")
     assert lora_gap <= 2 * base_gap + INT8_SLACK
-    assert np.abs(images["int8+lora"] - images["int8"]).max() > MIN_EFFECT
+    assert np.abs(out["int8+lora"] - out["int8"]).max() > 10 * lora_gap  # the LoRA is applied, not lost
 
 
 def test_adapters_key_changes_with_strength_not_with_reading(tiny_loras):
