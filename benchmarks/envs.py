@@ -6,6 +6,7 @@ benchmarks/.venvs/, never sdrt's dependencies. A venv is rebuilt when its spec c
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -105,8 +106,11 @@ def ensure(spec: VenvSpec, log) -> Path:
 
 def _install_record(spec: VenvSpec) -> dict:
     """What decides a venv's contents (a change rebuilds it)."""
-    return {"requirements": list(spec.requirements), "torch": spec.torch, "remove": list(spec.remove),
-            "editable_sdrt": spec.editable_sdrt}
+    record = {"requirements": list(spec.requirements), "torch": spec.torch, "remove": list(spec.remove),
+              "editable_sdrt": spec.editable_sdrt}
+    if spec.editable_sdrt:  # sdrt's own dependencies come from pyproject.toml: a change there (a new one) rebuilds
+        record["pyproject_sha256"] = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    return record
 
 
 def _build(spec: VenvSpec) -> None:
