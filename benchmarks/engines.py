@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 SOURCE = "source"  # the diffusers folder itself: engines that load it need no export
+LORA_FILE = "pytorch_lora_weights.safetensors"  # in an Export folder an Engine names as its `lora`
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class Engine:
     model: str  # SOURCE or an Export name
     options: dict = field(default_factory=dict)
     reference: bool = False  # the fp32 reference images are compared against
+    lora: str = ""  # an Export whose folder holds LORA_FILE, applied by the worker (its kind sets steps, guidance)
 
 
 EXPORTS = {
@@ -41,6 +43,11 @@ EXPORTS = {
         Export("optimum-openvino", "optimum-intel",
                ("optimum-cli", "export", "openvino", "--model", "{source}", "--task", "text-to-image",
                 "--weight-format", "fp32", "{out}")),
+        # optimum-intel's export with its tokenizer converted to OpenVINO models, as OpenVINO GenAI reads it.
+        Export("genai-openvino", "openvino-genai", ("python", "benchmarks/workers/genai_export.py",
+                                                    "{optimum-openvino}", "{out}"), needs=("optimum-openvino",)),
+        # A random LoRA with LCM-LoRA's layout (rank 64 over its target modules), in lcm-lora-sdv1-5's file name.
+        Export("lcm-lora", "dev", ("python", "benchmarks/workers/make_lcm_lora.py", "{source}", "{out}")),
         Export("sdrt-onnx", "dev", ("python", "-m", "sdrt", "export", "{source}", "-o", "{out}")),
         Export("sdrt-openvino-fp32", "sdrt-openvino", ("sdrt", "convert", "{sdrt-onnx}", "-o", "{out}"),
                needs=("sdrt-onnx",)),
@@ -60,6 +67,7 @@ ENGINES = {
         Engine("optimum-openvino", "optimum-intel", "optimum_openvino.py", "optimum-openvino", {"precision": "auto"}),
         Engine("optimum-openvino-f32", "optimum-intel", "optimum_openvino.py", "optimum-openvino",
                {"precision": "f32"}),
+        Engine("openvino-genai", "openvino-genai", "genai_text2image.py", "genai-openvino"),
         Engine("sdrt-onnxruntime", "sdrt-onnxruntime", "sdrt_engine.py", "sdrt-onnx", {"backend": "onnxruntime"}),
         Engine("sdrt-openvino", "sdrt-openvino", "sdrt_engine.py", "sdrt-openvino-fp32",
                {"backend": "openvino", "precision": "auto"}),
@@ -70,6 +78,11 @@ ENGINES = {
         # int8 activations too, on the UNet's SiLU -> convolution layers (`sdrt convert --quantize-unet`).
         Engine("sdrt-openvino-int8q", "sdrt-openvino", "sdrt_engine.py", "sdrt-openvino-int8q",
                {"backend": "openvino", "precision": "auto"}),
+        # LCM-LoRA applied at load: the request becomes LCM (4 steps, guidance off, so UNet batch 1).
+        Engine("sdrt-openvino-lcm-lora", "sdrt-openvino", "sdrt_engine.py", "sdrt-openvino-fp32",
+               {"backend": "openvino", "precision": "auto"}, lora="lcm-lora"),
+        Engine("sdrt-openvino-int8q-lcm-lora", "sdrt-openvino", "sdrt_engine.py", "sdrt-openvino-int8q",
+               {"backend": "openvino", "precision": "auto"}, lora="lcm-lora"),
     )
 }
 

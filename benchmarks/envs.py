@@ -6,6 +6,7 @@ benchmarks/.venvs/, never sdrt's dependencies. A venv is rebuilt when its spec c
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -66,6 +67,13 @@ SPECS = {
             # torch ('operator torchvision::nms does not exist'), and diffusion pipelines never use it.
             remove=("torchvision",),
         ),
+        # OpenVINO GenAI, the torch-free peer: its C++ Text2ImagePipeline on optimum-intel's export, whose tokenizer
+        # openvino-tokenizers converts (its `transformers` extra reads the Hugging Face tokenizer files).
+        VenvSpec(
+            "openvino-genai",
+            requirements=("openvino-genai==2026.4.1.0", "openvino-tokenizers[transformers]==2026.4.1.0",
+                          "openvino==2026.4.1", "Pillow"),
+        ),
         VenvSpec("sdrt-onnxruntime", requirements=("onnxruntime==1.32.0",), editable_sdrt="onnxruntime"),
         VenvSpec(
             "sdrt-openvino", requirements=("openvino==2026.4.1", "nncf==3.4.0"), editable_sdrt="openvino",
@@ -98,8 +106,11 @@ def ensure(spec: VenvSpec, log) -> Path:
 
 def _install_record(spec: VenvSpec) -> dict:
     """What decides a venv's contents (a change rebuilds it)."""
-    return {"requirements": list(spec.requirements), "torch": spec.torch, "remove": list(spec.remove),
-            "editable_sdrt": spec.editable_sdrt}
+    record = {"requirements": list(spec.requirements), "torch": spec.torch, "remove": list(spec.remove),
+              "editable_sdrt": spec.editable_sdrt}
+    if spec.editable_sdrt:  # sdrt's own dependencies come from pyproject.toml: a change there (a new one) rebuilds
+        record["pyproject_sha256"] = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    return record
 
 
 def _build(spec: VenvSpec) -> None:

@@ -54,7 +54,8 @@ def precision(result: dict) -> str:
 def achieved(entry: dict, flops: dict) -> tuple[float, float]:
     """GFLOP/s of the guided UNet step, and its percentage of the matmul peak at the precision computed in."""
     result = entry["result"]
-    gflops = flops["unet_step_flops"] / result["step_s"] / 1e9
+    # unet_step_flops counts a guided step (UNet batch 2); an engine running guidance off computes half of it.
+    gflops = flops["unet_step_flops"] * result.get("unet_batch", 2) / 2 / result["step_s"] / 1e9
     peak = flops["matmul_peak_flops"]["bf16" if result.get("precision") == "bf16" else "fp32"]
     return gflops, 100 * gflops * 1e9 / peak
 

@@ -5,6 +5,8 @@
     python benchmarks/run.py --engines diffusers-torch sdrt-openvino --size 512 --steps 20
     python benchmarks/run.py --cpu-targets      # issue 8: optimum-intel vs sdrt on OpenVINO at 512x512, 20 steps,
                                                 # plus install sizes, int8 quality and a per-op profile, judged
+    python benchmarks/run.py --lcm-lora         # issue 19: sdrt + LCM-LoRA, 4 steps (bf16, int8) vs optimum-intel
+                                                # and OpenVINO GenAI, 20 steps, at 512x512; judged
 
 Each tool runs in its own venv (benchmarks/.venvs/, built on first use) and each engine in its own process, one
 at a time, so peak memory is that engine's alone. The model and its exports are cached under benchmarks/.cache/sd15/
@@ -29,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import envs  # noqa: E402
 import report  # noqa: E402
 import targets  # noqa: E402
-from engines import ENGINES, EXPORTS, SOURCE, Engine, export_chain  # noqa: E402
+from engines import ENGINES, EXPORTS, LORA_FILE, SOURCE, Engine, export_chain  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 WORKERS = HERE / "workers"
@@ -44,6 +46,9 @@ QUICK = {"size": 256, "steps": 4}
 FULL = {"size": 512, "steps": 20}
 TINY = {"size": 128, "steps": 3}  # --tiny: a toy model that exercises the harness, not a measurement
 CPU_TARGET_ENGINES = (targets.PEER, "sdrt-openvino", targets.INT8)
+LCM_LORA_ENGINES = (targets.PEER, "openvino-genai", *targets.LCM_LORA)
+# Engines that run with a LoRA use its kind's steps: not in the default comparison, where every engine runs the same.
+DEFAULT_ENGINES = tuple(name for name, engine in ENGINES.items() if not engine.lora)
 RANDOM_WEIGHTS = (
     "Weights are random: compute cost does not depend on weight values (same architecture, shapes and ops), so "
     "time and memory are those of the real SD 1.5. Images are noise; PSNR only tells how closely engines agree."
@@ -102,17 +107,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"issue 8: engines {' '.join(CPU_TARGET_ENGINES)} (unless --engines), then the runtime "
                              "install sizes, the int8 image quality on the shipped model and a per-op profile of "
                              "the int8 UNet; prints the targets table")
+    parser.add_argument("--lcm-lora", action="store_true",
+                        help=f"issue 19: engines {' '.join(LCM_LORA_ENGINES)} (unless --engines): sdrt with a random "
+                             "LoRA of LCM-LoRA's layout runs LCM's 4 steps, the peers --steps; prints the target")
     parser.add_argument("--out", type=Path, help="JSON result (default benchmarks/results/sd15-SIZEpx-STEPSsteps.json)")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds any one export or engine may take")
     parser.add_argument("--export-only", action="store_true", help="build the venvs and exports, measure nothing")
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # harness smoke test
     args = parser.parse_args(argv)
     defaults = TINY if args.tiny else QUICK if args.quick else FULL
-    args.engines = args.engines or list(CPU_TARGET_ENGINES if args.cpu_targets else ENGINES)
+    args.engines = args.engines or list(CPU_TARGET_ENGINES if args.cpu_targets else LCM_LORA_ENGINES
+                                        if args.lcm_lora else DEFAULT_ENGINES)
     args.size = args.size or defaults["size"]
     args.steps = args.steps or defaults["steps"]
     args.model_key = "tiny" if args.tiny else "sd15"  # exports do not depend on the size: one cache for all
-    name = f"{'tiny' if args.tiny else 'sd15'}-{args.size}px-{args.steps}steps.json"
+    name = f"{'tiny' if args.tiny else 'sd15'}-{args.size}px-{args.steps}steps{'-lcm-lora' if args.lcm_lora else ''}.json"
     args.out = args.out or (CACHE if args.tiny else RESULTS) / name
     return args
 
@@ -197,7 +206,7 @@ class Bench:
         engine = ENGINES[name]
         entry = {"engine": name, "venv": engine.venv, "options": engine.options, "reference": engine.reference,
                  "exports": {}}
-        for export in export_chain(engine.model):
+        for export in [*export_chain(engine.model), *([engine.lora] if engine.lora else [])]:
             entry["exports"][export] = record = self.export(export)
             if "error" in record:
                 return {**entry, "error": f"export {export} failed: {record['error']}"}
@@ -214,7 +223,8 @@ class Bench:
         job = {"model": str(self.source() if engine.model == SOURCE else self.cache / engine.model),
                "size": self.args.size, "steps": self.args.steps, "seed": SEED, "prompt": PROMPT,
                "negative_prompt": "", "guidance_scale": GUIDANCE_SCALE, "image": str(image),
-               "options": engine.options}
+               "options": {**engine.options, **({"lora": str(self.cache / engine.lora / LORA_FILE)} if engine.lora
+                                                else {})}}
         entry["load_average_before"] = os.getloadavg()[0]
         log(f"engine {engine.name}: measuring ({self.args.size}x{self.args.size}, {self.args.steps} steps; "
             f"load average {entry['load_average_before']:.1f})")
@@ -297,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
                            "prompt": PROMPT, "guidance_scale": GUIDANCE_SCALE, "unet_batch": 2,
                            "sampler": "PNDM (SD 1.5's scheduler config)"}}
     for name in args.engines:  # build every venv first: a pip failure should not come after an hour of measuring
-        for export in export_chain(ENGINES[name].model):
+        for export in [*export_chain(ENGINES[name].model), *([ENGINES[name].lora] if ENGINES[name].lora else [])]:
             bench.venv(EXPORTS[export].venv)
         bench.venv(ENGINES[name].venv)
     # Exports first, then the measurements back to back, so the engines compared run under similar conditions.
@@ -311,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.psnr(result["engines"])
     if args.cpu_targets:
         bench.cpu_target_extras(result)
+    if args.lcm_lora:
+        result["lcm_lora_targets"] = targets.lcm_lora(result)
     result["venvs"] = bench.venvs_record()
     result["wall_s"] = time.perf_counter() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -318,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
     print(report.markdown(result))
     if args.cpu_targets:
         print("\n" + targets.markdown(result["targets"]))
+    if args.lcm_lora:
+        print("\n" + targets.markdown(result["lcm_lora_targets"], "#19 target"))
     log(f"wrote {args.out} ({result['wall_s'] / 60:.1f} min)")
     return 0
 

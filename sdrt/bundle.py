@@ -74,17 +74,20 @@ class Component:
     # Every file an engine opens for this component, `file` first (an IR's .bin, ONNX external data); recorded by
     # BundleWriter.commit. Empty in bundles written before it: then derived from the files (sdrt.bundle_files).
     files: tuple[str, ...] = ()
-    # The sha256 of every bundle file the component's engine opens, from the manifest, which verify_files checks:
-    # the content identity engine caches key on. Filled by Manifest.from_dict, not written.
     # Arrays beside the graph that the runtime builds inputs from: name -> .npy file (the text encoder's
     # token_embedding, looked up by token id). Written only when present.
     tables: dict = field(default_factory=dict)
-    # The sha256 of every bundle file the component's engine opens (its folder), from the manifest, which
-    # verify_files checks: the content identity engine caches key on. Filled by Manifest.from_dict, not written.
+    # Where each torch parameter is in `file` (sdrt.weights_map; a file listed in `files`); "" in bundles exported
+    # before weights maps.
+    weights_map: str = ""
+    # The sha256 of every bundle file the component's engine opens, from the manifest, which verify_files checks:
+    # the content identity engine caches key on. Filled by Manifest.from_dict, not written.
     checksums: dict[str, str] = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict:
         storage = {"weights_storage": self.weights_storage} if self.weights_storage != "fp32" else {}
+        if self.weights_map:
+            storage["weights_map"] = self.weights_map
         d = {
             "file": self.file,
             **({"files": list(self.files)} if self.files else {}),
@@ -110,6 +113,7 @@ class Component:
             d.get("weights_storage", "fp32"),
             tuple(d.get("files", ())),
             d.get("tables", {}),
+            d.get("weights_map", ""),
         )
 
 
@@ -212,8 +216,9 @@ def verify_files(bundle: Path | str, manifest: Manifest, *, remembered: bool = T
 
     root = Path(bundle)
     for comp in manifest.components.values():
-        if comp.file not in manifest.files:
-            raise BundleError(f"component {comp.name}'s file {printable(comp.file)} has no checksum in the manifest")
+        for rel in filter(None, (comp.file, comp.weights_map)):
+            if rel not in manifest.files:
+                raise BundleError(f"component {comp.name}'s file {printable(rel)} has no checksum in the manifest")
     verified = VerifiedFiles() if remembered else None
     for rel, digest in manifest.files.items():
         path = inside(root, rel)

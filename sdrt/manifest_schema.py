@@ -128,6 +128,7 @@ COMPONENT = Record({
     "preprocess": PREPROCESS,
     # Arrays beside the graph the runtime builds inputs from (the text encoder's token_embedding): name -> .npy.
     "tables": MapOf(Text(pattern=r"[a-z][a-z0-9_]*", what="a table name", max_len=64), PATH, max_items=16),
+    "weights_map": PATH,  # where each torch parameter is in `file` (sdrt.weights_map), for LoRA
 }, required=("file", "contract"))
 
 SOURCE = Record({

@@ -110,3 +110,37 @@ def sdrt_pipe(tiny_sd1_bundle):
 
     with Pipeline.load(tiny_sd1_bundle, backend="onnxruntime") as pipe:
         yield pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_sd1_openvino_bundle(tiny_sd1_bundle, tmp_path_factory):
+    """`tiny_sd1_bundle` converted to OpenVINO IR, fp32 (converted once; tests must not modify it)."""
+    pytest.importorskip("openvino")
+    from sdrt.export.openvino import convert_bundle
+
+    out = tmp_path_factory.mktemp("ov") / "tiny-ov"
+    convert_bundle(tiny_sd1_bundle, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_loras(tiny_sd1_dir, tmp_path_factory) -> dict:
+    """Random LoRAs for the tiny SD1 model, by format: kohya (.safetensors and the same as .pt), kohya changing
+    only the text encoder, and diffusers / PEFT with its adapter metadata."""
+    pytest.importorskip("peft")
+    from diffusers import UNet2DConditionModel
+    from tiny_loras import kohya_state_dict, peft_state_dict, save
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel.from_pretrained(tiny_sd1_dir / "unet")
+    text_encoder = CLIPTextModel.from_pretrained(tiny_sd1_dir / "text_encoder")
+    out = tmp_path_factory.mktemp("loras")
+    kohya = kohya_state_dict(unet, text_encoder)
+    text_only = {k: v for k, v in kohya_state_dict(unet, text_encoder, seed=1).items() if k.startswith("lora_te_")}
+    peft, metadata = peft_state_dict(unet, text_encoder, seed=2)
+    return {
+        "kohya": save(kohya, out / "kohya.safetensors"),
+        "kohya_pt": save(kohya, out / "pt" / "kohya.pt"),
+        "text_only": save(text_only, out / "text-only.safetensors"),
+        "peft": save(peft, out / "peft.safetensors", metadata),
+    }

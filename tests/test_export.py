@@ -70,10 +70,12 @@ def _max_abs(onnx_out: np.ndarray, torch_out: torch.Tensor) -> float:
 
 def test_manifest_files_and_checksums(tiny_sd1_bundle, manifest):
     verify_files(tiny_sd1_bundle, manifest)
-    expected = {f"{c}/model.onnx" for c in ("text_encoder", "unet", "vae_decoder", "vae_encoder")}
+    names = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
+    expected, maps = {f"{c}/model.onnx" for c in names}, {f"{c}/weights_map.json" for c in names}
     tables = {"text_encoder/token_embedding.npy"}
-    assert set(manifest.files) == expected | tables | {"tokenizer/vocab.json", "tokenizer/merges.txt"}
+    assert set(manifest.files) == expected | maps | tables | {"tokenizer/vocab.json", "tokenizer/merges.txt"}
     assert {c.file for c in manifest.components.values()} == expected
+    assert {c.weights_map for c in manifest.components.values()} == maps
     assert not list(tiny_sd1_bundle.parent.glob(".tiny-sd1.partial-*"))
 
 

@@ -253,3 +253,46 @@ def test_unknown_storage_is_refused_before_any_work(tiny_sd1_dir, tmp_path):
     with pytest.raises(ExportError, match="weights_storage must be one of"):
         export_bundle(tiny_sd1_dir, tmp_path / "bundle", weights_storage="bf16")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_weights_map_points_at_the_fp16_values(fp16_bundle, rounded):
+    """fp16 storage renames weights (`W_fp16` behind a Cast): the map finds them, holding torch's rounded values."""
+    from sdrt.backends.onnx_file import OnnxFile
+    from sdrt.weights_map import read_weights_map
+
+    for name in ("text_encoder", "unet"):
+        component = read_manifest(fp16_bundle).components[name]
+        weights_map, graph = read_weights_map(fp16_bundle, component), OnnxFile(fp16_bundle / component.file)
+        params = dict(rounded[name].named_parameters())
+        fp16 = [k for k, e in weights_map.weights.items() if graph.initializers[e.name].dtype == np.float16]
+        assert len(fp16) > 10
+        for torch_name, entry in weights_map.weights.items():
+            assert np.array_equal(entry.to_torch(graph.array(entry.name)).astype(np.float32),
+                                  params[torch_name].detach().numpy()), torch_name
+
+
+def test_changed_weights_stay_fp16_stored(fp16_bundle, tiny_sd1_bundle):
+    """A weight change on an fp16-stored bundle is rounded to fp16 with the weight (as an fp16 export of the changed
+    model would store it): the output moves as the fp32 bundle's does, within the storage's own rounding."""
+    from sdrt.backends import get_backend
+    from sdrt.backends.base import WeightDeltas
+
+    class Change:
+        shape = (32, 32)
+
+        def __call__(self):  # random: a constant change cancels against LayerNorm's zero-mean output
+            return np.random.default_rng(1).standard_normal(self.shape).astype(np.float32) * 0.3
+
+    deltas = WeightDeltas("t", {"down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight": Change()})
+    rng = np.random.default_rng(0)
+    feeds = {"sample": rng.standard_normal((1, 4, 8, 8), dtype=np.float32), "timestep": np.array([500.0], np.float32),
+             "encoder_hidden_states": rng.standard_normal((1, 77, 32), dtype=np.float32)}
+    out = {}
+    for bundle in (tiny_sd1_bundle, fp16_bundle):
+        component = read_manifest(bundle).components["unet"]
+        for d in (None, deltas):
+            out[bundle, d is None] = get_backend("onnxruntime").load(bundle, component, d).run(feeds)["model_output"]
+    moved = np.abs(out[tiny_sd1_bundle, False] - out[tiny_sd1_bundle, True]).max()
+    rounding = np.abs(out[fp16_bundle, True] - out[tiny_sd1_bundle, True]).max()
+    assert moved > 0.01
+    assert np.abs(out[fp16_bundle, False] - out[tiny_sd1_bundle, False]).max() <= 2 * rounding + 1e-4

@@ -66,11 +66,9 @@ def _private_cache(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def ov_bundle(tiny_sd1_bundle, tmp_path_factory):
+def ov_bundle(tiny_sd1_openvino_bundle):
     """The tiny ONNX bundle converted to OpenVINO IR (fp32)."""
-    out = tmp_path_factory.mktemp("ov") / "tiny-ov"
-    convert_bundle(tiny_sd1_bundle, out)
-    return out
+    return tiny_sd1_openvino_bundle
 
 
 @pytest.fixture(params=["tiny", "shipped"])

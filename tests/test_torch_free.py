@@ -25,7 +25,7 @@ SCRIPT = textwrap.dedent(
     sys.meta_path.insert(0, Block())
     from sdrt.cli import main
     rc = main(["generate", "a red circle", "--bundle", {bundle!r}, "-o", {out!r},
-               "--steps", "3", "--seed", "7", "-q", "--sampler", "Euler a"])
+               "--steps", "3", "--seed", "7", "-q", "--sampler", "Euler a", *{extra!r}])
     leaked = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
     print("LEAKED", leaked)
     sys.exit(rc)
@@ -34,11 +34,23 @@ SCRIPT = textwrap.dedent(
 
 
 def test_generate_runs_with_torch_blocked(tiny_sd1_bundle, tmp_path):
+    _generate_torch_free(tiny_sd1_bundle, tmp_path, [])
+
+
+def test_loras_apply_with_torch_blocked(tiny_sd1_bundle, tiny_loras, tmp_path):
+    """LoRA files, .pt ones included (read by sdrt's own unpickler), need no torch either."""
+    extra = ["--lora", f"{tiny_loras['kohya']}:0.5", "--lora", f"{tiny_loras['kohya_pt']}:0.2"]
+    with Image.open(_generate_torch_free(tiny_sd1_bundle, tmp_path, extra)) as img:
+        assert "Lora hashes" in img.info["parameters"]
+
+
+def _generate_torch_free(bundle, tmp_path, extra: list[str]):
     out = tmp_path / "torch-free.png"
-    script = SCRIPT.format(blocked=BLOCKED, bundle=str(tiny_sd1_bundle), out=str(out))
+    script = SCRIPT.format(blocked=BLOCKED, bundle=str(bundle), out=str(out), extra=extra)
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "LEAKED []" in proc.stdout
     with Image.open(out) as img:
         assert img.format == "PNG"
         assert "Seed: 7" in img.info["parameters"]
+    return out

@@ -19,6 +19,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from sdrt.export.clip_vocab import read_tokenizer_files
 from sdrt.export.ldm_config import CLIP_L14_DIR
 
 SEED = 0
@@ -103,9 +104,8 @@ def _as_published_text_encoder(text_dir: Path) -> None:
 
 def _save_tokenizer(tokenizer_dir: Path) -> None:
     """The real CLIP BPE files sdrt ships, in the layout SD 1.5 publishes (vocab.json + merges.txt)."""
-    tokenizer_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
-        shutil.copy(CLIP_L14_DIR / name, tokenizer_dir / name)
+    read_tokenizer_files(CLIP_L14_DIR, tokenizer_dir)  # vocab.json is rebuilt from the merges.txt sdrt ships
+    shutil.copy(CLIP_L14_DIR / "tokenizer_config.json", tokenizer_dir / "tokenizer_config.json")
     (tokenizer_dir / "special_tokens_map.json").write_text(json.dumps(SPECIAL_TOKENS, indent=2))
 
 

@@ -15,24 +15,30 @@ def load(job: common.Job):
     return Pipeline.load(job.model, backend=job.options["backend"], **options)
 
 
+def request(job: common.Job) -> GenerationRequest:
+    """The job as a request; with a LoRA (an LCM-LoRA), steps and guidance are left to the kind it brings."""
+    lora = job.options.get("lora")
+    fields = {"loras": [lora]} if lora else {"steps": job.steps, "guidance_scale": job.guidance_scale}
+    return GenerationRequest(prompt=job.prompt, negative_prompt=job.negative_prompt, width=job.size, height=job.size,
+                             seed=job.seed, **fields)
+
+
 def generate(pipe, job: common.Job, clock: common.Clock):
-    request = GenerationRequest(
-        prompt=job.prompt, negative_prompt=job.negative_prompt, width=job.size, height=job.size, steps=job.steps,
-        guidance_scale=job.guidance_scale, seed=job.seed,
-    )
     last = None
-    for last in pipe.denoise(request):
+    for last in pipe.denoise(request(job)):
         clock.step()
     return pipe.decode(last.vp_latents())[0]
 
 
 def describe(pipe, job: common.Job) -> dict:
-    unet = pipe.manifest.components["unet"]
+    unet, resolved = pipe.manifest.components["unet"], request(job).resolve(pipe.manifest)
     return {
         "precision": compute_precision(pipe),
         "weights": unet.precision,
         "backend_label": pipe.backend.label,
-        "sampler": GenerationRequest(prompt="").resolve(pipe.manifest).sampler,
+        "sampler": resolved.sampler,
+        "kind": resolved.kind,
+        "unet_batch": 2 if resolved.guidance_scale > 1 else 1,  # guidance off (LCM) skips the unconditional half
     }
 
 

@@ -6,7 +6,7 @@ import importlib.util
 import inspect
 from typing import Iterable, NamedTuple
 
-from sdrt.backends.base import Backend, Session
+from sdrt.backends.base import Backend, Session, WeightDeltas
 from sdrt.errors import BackendError
 
 
@@ -25,7 +25,7 @@ _REGISTRY: dict[str, Entry] = {
     "openvino": Entry("sdrt.backends.openvino", "OpenVinoBackend", "openvino", ("openvino", "onnx")),
 }
 
-__all__ = ["Backend", "Session", "available_backends", "get_backend", "backend_names"]
+__all__ = ["Backend", "Session", "WeightDeltas", "available_backends", "get_backend", "backend_names"]
 
 
 def backend_names() -> list[str]:

@@ -4,18 +4,21 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 import openvino as ov
 
-from sdrt.backends.base import check_names
+from sdrt.backends.base import WeightDeltas, check_names
+from sdrt.backends.openvino_weights import apply_deltas, derive_openvino_map
 from sdrt.bundle import Component
 from sdrt.bundle import sha256_file
 from sdrt.cache import EngineCache, cache_home
 from sdrt.contracts import BATCH
 from sdrt.errors import BackendError
+from sdrt.weights_map import WeightsMap, plan, read_weights_map
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +58,12 @@ class BlobCache:
         self.entries = EngineCache(root, max_bytes) if max_bytes is not None else \
             EngineCache.for_engine("openvino", root, DEFAULT_CACHE_GB)
 
-    def key(self, core: ov.Core, component: Component, path: Path, shapes: dict, device: str, config: dict) -> str:
+    def key(self, core: ov.Core, component: Component, path: Path, shapes: dict, device: str, config: dict,
+            weights: str = "") -> str:
+        """`weights`: the key of the weight changes compiled in (WeightDeltas.key), "" for none."""
         return self.entries.key({
             "engine": "openvino",
+            **({"weights": weights} if weights else {}),
             "openvino": ov.get_version(),
             "device": core.get_property(device, "FULL_DEVICE_NAME"),
             "config": {k: str(v) for k, v in config.items()},
@@ -107,12 +113,12 @@ class OpenVinoSession:
 
     def __init__(
         self, core: ov.Core, path: Path, component: Component, device: str, config: dict, streams: int,
-        blobs: BlobCache | None = None,
+        blobs: BlobCache | None = None, weights: WeightChanges | None = None,
     ):
         self.contract, self._component = component.contract, component
         contract = component.contract
         self._core, self._path, self._device, self._config, self._streams = core, path, device, config, streams
-        self._blobs = blobs
+        self._blobs, self._weights = blobs, weights
         # The model is read now (its names checked at load) unless compiled blobs may make reading it unnecessary:
         # then it is read, and the names checked, when a shape is first compiled or imported. Dropped once compiled.
         self._model: ov.Model | None = None if blobs else read_model(core, path)
@@ -150,7 +156,9 @@ class OpenVinoSession:
         dims = {**dims, BATCH: dims[BATCH] // parts} if parts > 1 else dims
         shapes = {spec.name: list(spec.concrete_shape(dims)) for spec in self.contract.inputs}
         start = time.perf_counter()
-        key = self._blobs.key(self._core, self._component, self._path, shapes, self._device, self._config) \
+        weights_key = self._weights.deltas.key if self._weights else ""
+        key = self._blobs.key(self._core, self._component, self._path, shapes, self._device, self._config,
+                              weights_key) \
             if self._blobs else None
         hit = self._blobs.load(self._core, key, self._device, self._config) if key else None
         compiled, mapped = hit or (self._compile_model(shapes), None)
@@ -169,6 +177,8 @@ class OpenVinoSession:
         # mapped) weights resident for nothing, so it is read again only when a new shape needs compiling.
         model, self._model = self._model or read_model(self._core, self._path), None
         self._check_ports(model)
+        if self._weights:
+            self._weights.apply(model, self.contract.component)
         ports = {_port_name(p, self.contract.input_names): p for p in model.inputs}
         model.reshape({ports[name]: shape for name, shape in shapes.items()})
         try:
@@ -206,6 +216,19 @@ class OpenVinoSession:
     def close(self) -> None:
         self._compiled.clear()
         self._requests, self._model = [], None  # a later prepare() reads the model again
+
+
+@dataclass(frozen=True)
+class WeightChanges:
+    """Deltas to add to a model's weights before compiling, and the component's recorded map (None: derived from
+    the model's layer names)."""
+
+    deltas: WeightDeltas
+    weights_map: WeightsMap | None
+
+    def apply(self, model: ov.Model, component: str) -> None:
+        weights_map = self.weights_map or derive_openvino_map(model, component)
+        apply_deltas(model, weights_map, self.deltas, component)
 
 
 def read_model(core: ov.Core, path: Path) -> ov.Model:
@@ -280,9 +303,15 @@ class OpenVinoBackend:
         """What PNG parameters report as the backend: engine, device and the precision it computes in."""
         return f"openvino {self.device} {self.precision}"
 
-    def load(self, bundle: Path, component: Component) -> OpenVinoSession:
+    def load(self, bundle: Path, component: Component, deltas: WeightDeltas | None = None) -> OpenVinoSession:
         if component.format not in self.formats:
             raise BackendError(f"openvino cannot run {component.name} stored as {component.format!r}")
         path = Path(bundle) / component.file
         config = {**self.config, "INFERENCE_PRECISION_HINT": "f32"} if component.contract.full_precision else self.config
-        return OpenVinoSession(self.core, path, component, self.device, config, self.streams, self.blobs)
+        weights = None
+        if deltas and deltas.deltas:
+            # An ONNX file read by OpenVINO keeps its initializers' names on its Constants: an ONNX map serves too.
+            weights = WeightChanges(deltas, read_weights_map(Path(bundle), component))
+            if weights.weights_map is not None:
+                plan(weights.weights_map, deltas, component.name)  # names and shapes checked now, not at compile
+        return OpenVinoSession(self.core, path, component, self.device, config, self.streams, self.blobs, weights)

@@ -61,6 +61,7 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     _add_engine_options(p)
     _add_img2img_options(p)
     _add_prompt_options(p)
+    _add_lora_options(p)
     p.set_defaults(run=_generate)
 
 
@@ -112,6 +113,15 @@ def _add_prompt_options(p) -> None:
                    "model's (sdrt export VAE_SOURCE -o BUNDLE --vae-only)")
 
 
+def _add_lora_options(p) -> None:
+    g = p.add_argument_group("LoRA")
+    g.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]", help="apply a LoRA (.safetensors "
+                   "or .pt; kohya/A1111 or diffusers) at STRENGTH (default 1); repeatable. An LCM-LoRA makes the "
+                   "default kind lcm")
+    g.add_argument("--lora-dir", type=Path, metavar="DIR", help="folder the prompt's <lora:NAME:STRENGTH> tags are "
+                   "found in (A1111's syntax; subfolders too)")
+
+
 def _prompts(args) -> list[str]:
     """The prompt, or the lines of --from-file."""
     from sdrt.errors import SdrtError
@@ -132,6 +142,7 @@ def _prompts(args) -> list[str]:
 
 def _request(args, prompt: str):
     from sdrt.runtime.image import load_image
+    from sdrt.runtime.lora import parse_lora_argument
     from sdrt.runtime.request import GenerationRequest
 
     return GenerationRequest(
@@ -143,8 +154,8 @@ def _request(args, prompt: str):
         init_image=None if args.init_image is None else load_image(args.init_image, "init image"),
         strength=args.strength, mask=None if args.mask is None else load_image(args.mask, "mask"),
         mask_blur=args.mask_blur, inpaint_full_res=args.inpaint_only_masked, inpaint_full_res_padding=args.padding,
-        resize_mode=args.resize_mode,
-        clip_skip=args.clip_skip,
+        resize_mode=args.resize_mode, clip_skip=args.clip_skip, loras=tuple(map(parse_lora_argument, args.lora)),
+        lora_dir=args.lora_dir,
     )
 
 

@@ -20,6 +20,7 @@ from sdrt.export.parity import check_parity, max_difference, torch_outputs
 from sdrt.export.safety import load_safety_checker, safety_spec
 from sdrt.export.source import SourceModel, load_source
 from sdrt.export.taesd import load_taesd, taesd_spec
+from sdrt.export.weights_map import write_weights_map
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ def export_component(
     generator = torch.Generator().manual_seed(TRACE_SEED)
     trace_args = sample_inputs(spec, axis_sizes(CHECK_SHAPES[0], vae_scale_factor), generator)
     export_onnx(spec.module, trace_args, spec.contract, root / rel, opset=opset, weights_storage=weights_storage)
+    weights_map = write_weights_map(spec.module, root, rel, spec.name)
     exported = time.perf_counter()
     rounded = torch_outputs(spec, CHECK_SHAPES, vae_scale_factor) if fp32_outputs is not None else None
     validation = check_parity(spec, root / rel, CHECK_SHAPES, vae_scale_factor, expected=rounded)
@@ -105,7 +107,8 @@ def export_component(
     if fp32_outputs is not None:
         validation.update(fp16_record(spec, fp32_outputs, rounded))
     return Component(spec.name, rel, spec.contract, validation=validation, preprocess=spec.preprocess,
-                     weights_storage=weights_storage, tables=write_tables(spec, root, weights_storage))
+                     weights_storage=weights_storage, tables=write_tables(spec, root, weights_storage),
+                     weights_map=weights_map)
 
 
 def write_tables(spec: ComponentSpec, root: Path, weights_storage: str) -> dict[str, str]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from sdrt.backends import get_backend
+from sdrt.backends.onnx_file import OnnxFile
 from sdrt.bundle import BundleWriter, Component, Manifest
 from sdrt.errors import ExportError
 from sdrt.export.convert import (
@@ -16,6 +17,7 @@ from sdrt.export.convert import (
 )
 from sdrt.runtime.pipeline import Pipeline
 from sdrt.runtime.request import GenerationRequest
+from sdrt.weights_map import MAP_FILE, WeightsMap, derive_onnx_map, read_weights_map
 
 log = logging.getLogger(__name__)
 
@@ -134,10 +136,36 @@ def convert_component(
     (root / comp.name).mkdir(parents=True, exist_ok=True)
     # compress_to_fp16 defaults to True: it would silently halve the weights of an "fp32" bundle.
     ov.save_model(model, str(root / rel), compress_to_fp16=False)
+    weights_map = write_openvino_map(ov.Core().read_model(str(root / rel)), src, comp, root)
     log.info("%s: converted to OpenVINO IR (%s) in %.1f s", comp.name, precision, time.perf_counter() - start)
     # The IR's weights are fp32 (or int8, as `precision` says) whatever the ONNX file stored: convert_model folds
     # fp16 storage's casts.
-    return replace(comp, file=rel, format=TARGET, precision=precision, weights_storage="fp32")
+    return replace(comp, file=rel, format=TARGET, precision=precision, weights_storage="fp32", weights_map=weights_map)
+
+
+def write_openvino_map(model, src: Path, comp: Component, root: Path) -> str:
+    """Write the IR's weights map (from its layer names) beside it, each entry checked against the ONNX source: the
+    same torch parameter, and values within one int8 step of the ONNX weight's (equal for fp32 IR)."""
+    from sdrt.backends.openvino_weights import constants, derive_openvino_map, stored_weight
+
+    found = derive_openvino_map(model, comp.name)
+    graph = OnnxFile(src / comp.file)
+    try:
+        source = read_weights_map(src, comp) or derive_onnx_map(graph, comp.name)
+        by_name = constants(model)
+        for name, entry in found.weights.items():
+            expected = source.find(name)
+            if expected is None or expected.shape != entry.shape:
+                raise ExportError(f"{comp.name}: the IR's weight for {name} has no match in the ONNX weights map")
+            want = expected.to_torch(graph.array(expected.name).astype("float32"))
+            got = entry.to_torch(stored_weight(by_name[entry.name]).value())
+            if abs(got - want).max(initial=0.0) > (want.max(initial=0.0) - want.min(initial=0.0)) / 255:
+                raise ExportError(f"{comp.name}: the IR's weight {entry.name} is not the ONNX weight of {name}")
+    finally:
+        graph.close()
+    rel = f"{comp.name}/{MAP_FILE}"
+    (root / rel).write_text(WeightsMap(TARGET, found.weights).to_json())
+    return rel
 
 
 def compress_int8(model):

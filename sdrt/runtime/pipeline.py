@@ -19,6 +19,7 @@ from sdrt.runtime.image import infotext, to_pil
 from sdrt.runtime.img2img import (
     Encoder, Start, extra_unet_channels, image_array, img2img_start, inpaint_start, txt2img_start,
 )
+from sdrt.runtime.lora import Adapters, LoraSpec, infotext_prompt, strip_tags
 from sdrt.runtime.masks import InpaintArea, inpaint_area, mask_array
 from sdrt.runtime.noise import PerImageNoise
 from sdrt.runtime.parametrization import c_in, parametrization
@@ -98,6 +99,7 @@ class Pipeline:
             EmbeddingLibrary.from_folder(embeddings_dir, self.tokenizer, self.text_encoder.width)
         self.denoised_from = parametrization(manifest.model.prediction_type)
         self._sessions: dict[str, Session] = {}
+        self._adapters, self._weights = Adapters(), {}  # parsed LoRA files; component -> key of its deltas
         for name in TXT2IMG:
             self.session(name)
 
@@ -130,6 +132,19 @@ class Pipeline:
             raise BundleError(f"bundle {self.root} has no {name} component")
         return self.root, self.manifest.components[name]
 
+    def use_loras(self, loras: tuple[LoraSpec, ...]) -> None:
+        """Reopen the components whose weights `loras` change differently from now (sdrt.runtime.lora)."""
+        for name in ("text_encoder", "unet"):
+            deltas = self._adapters.deltas(loras, name)
+            key = deltas.key if deltas else ""
+            if self._weights.get(name, "") != key:
+                if name in self._sessions:
+                    self._sessions.pop(name).close()
+                component = self.manifest.components[name]
+                self._sessions[name] = self.backend.load(self.root, component, deltas) if deltas else \
+                    self.backend.load(self.root, component)
+                self._weights[name] = key
+
     def prepared(self, name: str, feeds: dict[str, np.ndarray]) -> Session:
         """The session, with `feeds` checked against its contract and its shapes fixed to theirs.
 
@@ -158,7 +173,8 @@ class Pipeline:
 
     def _guidance(self, req: GenerationRequest) -> ClassifierFreeGuidance:
         b = req.batch_size
-        embeddings = self.encode_prompts(req.negative_prompts() + req.prompts(), req.clip_skip)
+        embeddings = self.encode_prompts(req.negative_prompts() + [strip_tags(p) for p in req.prompts()],
+                                         req.clip_skip)
         return ClassifierFreeGuidance(cond=embeddings[b:], uncond=embeddings[:b], scale=req.guidance_scale)
 
     def _model(self, guidance: ClassifierFreeGuidance, start: Start, rescale: float):
@@ -190,6 +206,7 @@ class Pipeline:
     def denoise(self, request: GenerationRequest) -> Iterator[Step]:
         """The denoising loop as a generator: one Step per sampler step; stop iterating to cancel."""
         req = request.resolve(self.manifest)
+        self.use_loras(req.loras)
         noise = PerImageNoise(req.seed, req.batch_size, req.seed_mode)
         schedule = self.schedule(req)
         start = self.start(req, noise, schedule)
@@ -314,6 +331,7 @@ class Pipeline:
             "Model": self.manifest.model.name,
             "VAE hash": self.vae.short_hash if self.vae else None,
             "VAE": self.vae.name if self.vae else None,
+            "Lora hashes": self._adapters.hashes(req.loras),  # A1111's extra_networks_lora.py
             "Denoising strength": None if req.init_image is None else f"{req.strength:g}",
             "Mask blur": req.mask_blur or None,
             "Inpaint area": "Only masked" if req.mask is not None and req.inpaint_full_res else None,
@@ -333,3 +351,4 @@ class Pipeline:
             "Version": f"sdrt {__version__}",
         }
         return infotext(prompt, negative, fields)
+        return infotext(infotext_prompt(req.prompts()[index], req.loras), req.negative_prompts()[index], fields)

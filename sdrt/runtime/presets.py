@@ -66,8 +66,13 @@ def detect_kind(manifest: Manifest) -> str:
     record = SCHEDULER_CLASSES.get(manifest.scheduler.get("_class_name", ""))
     if record is not None and record.kind != "standard":
         return record.kind
-    words = re.split(r"[^a-z0-9]+", manifest.model.name.lower())
-    return next((_KIND_OF_NAME_WORD[w] for w in words if w in _KIND_OF_NAME_WORD), "standard")
+    return kind_in_name(manifest.model.name) or "standard"
+
+
+def kind_in_name(name: str) -> str | None:
+    """The kind a whole word of `name` says (lcm, turbo), or None."""
+    words = re.split(r"[^a-z0-9]+", name.lower())
+    return next((_KIND_OF_NAME_WORD[w] for w in words if w in _KIND_OF_NAME_WORD), None)
 
 
 def preset_for(manifest: Manifest, kind: str | None = None) -> Preset:

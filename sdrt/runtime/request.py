@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 import secrets
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Sequence
 
 from PIL import Image
@@ -12,6 +13,7 @@ from sdrt.bundle import Manifest
 from sdrt.errors import RequestError, printable
 from sdrt.runtime.image import check_image_size
 from sdrt.runtime.img2img import INPAINT_CHANNELS, extra_unet_channels, rgb
+from sdrt.runtime.lora import lora_kind, resolve_loras
 from sdrt.runtime.noise import SEED_MODES
 from sdrt.runtime.presets import preset_for, scheduler_config
 from sdrt.runtime.prompts import check_prompt
@@ -61,6 +63,10 @@ class GenerationRequest:
     resize_mode: str | int = "just resize"
     # A1111's "Clip skip": the text encoder's layer -N, then its final layer norm (diffusers' clip_skip is N - 1)
     clip_skip: int = 1
+    # LoRAs (sdrt.runtime.lora): paths, (path, strength) pairs or LoraSpecs, plus the prompt's <lora:name:strength>
+    # tags, found in `lora_dir`. `resolve` makes them LoraSpecs; an LCM-LoRA makes the default kind "lcm".
+    loras: tuple = ()
+    lora_dir: str | Path | None = None
     # Set by `resolve`: every field is final (defaults filled, seed fixed, names canonical, images converted).
     resolved: bool = field(default=False, repr=False, compare=False)
 
@@ -70,15 +76,16 @@ class GenerationRequest:
         if self.resolved:
             return self
         self._check_fields()
+        loras = resolve_loras(self._first_prompt(), self.loras, self.lora_dir)
         try:
-            preset = preset_for(manifest, self.kind)
+            preset = preset_for(manifest, self.kind or lora_kind(loras))
         except ValueError as e:
             raise RequestError(str(e)) from None
         steps, guidance_scale, sampler = preset.fill(self.steps, self.guidance_scale, self.sampler)
         seed = secrets.randbelow(2**32) if self.seed in (None, RANDOM_SEED) else self.seed
         req = replace(
             self, steps=steps, guidance_scale=guidance_scale, sampler=sampler or default_sampler(manifest.scheduler),
-            seed=seed, kind=preset.kind, **self._images(manifest), **self._prompts(),
+            seed=seed, kind=preset.kind, loras=loras, **self._images(manifest), **self._prompts(),
         )
         req._check(manifest)
         try:
@@ -87,6 +94,11 @@ class GenerationRequest:
         except ValueError as e:  # unknown name, a schedule type the sampler lacks, LCM's step limit, no step left...
             raise RequestError(str(e)) from None
         return replace(req, resolved=True)
+
+    def _first_prompt(self) -> str:
+        """The prompt whose <lora:...> tags apply to the batch (A1111's extra_networks.parse_prompts: the first)."""
+        first = self.prompt if isinstance(self.prompt, str) else next(iter(self.prompt), "")
+        return first if isinstance(first, str) else ""  # not a string: _check says so
 
     def _prompts(self) -> dict:
         """A list of prompts (and of negative prompts) as one per image: the batch grows to len(prompts) x
