@@ -115,7 +115,10 @@ def module_of(node_name: str, component: str) -> str | None:
         parts.pop()
     if len(parts) < 2 or not node_name.startswith("/"):
         return None
-    return torch_name(".".join(parts[:-1]), component)
+    module = torch_name(".".join(parts[:-1]), component)
+    # The text encoder's wrapper runs CLIP's encoder layers itself (sdrt.export.wrappers.TextEncoder), so their
+    # scopes start at `layers.N`, not at the model's `encoder.layers.N`.
+    return f"encoder.{module}" if component == "text_encoder" and module.startswith("layers.") else module
 
 
 def derive_onnx_map(graph, component: str) -> WeightsMap:

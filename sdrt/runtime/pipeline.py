@@ -350,5 +350,4 @@ class Pipeline:
             "Backend": self.backend.label,
             "Version": f"sdrt {__version__}",
         }
-        return infotext(prompt, negative, fields)
-        return infotext(infotext_prompt(req.prompts()[index], req.loras), req.negative_prompts()[index], fields)
+        return infotext(infotext_prompt(prompt, req.loras), negative, fields)
