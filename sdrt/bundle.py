@@ -57,6 +57,23 @@ class TokenizerInfo:
 
 
 @dataclass(frozen=True)
+class Variant:
+    """The component's graph in another precision (an fp16 graph for GPU engines), validated against its file: the
+    same contract, inputs and outputs in the contract's dtypes."""
+
+    file: str
+    precision: str
+    validation: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "precision": self.precision, "validation": self.validation}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Variant:
+        return cls(d["file"], d["precision"], d.get("validation", {}))
+
+
+@dataclass(frozen=True)
 class Component:
     """One exported graph: its file, engine format, precision, weight storage, contract and measured parity."""
 
@@ -75,6 +92,14 @@ class Component:
     # The sha256 of every bundle file the component's engine opens (its folder), from the manifest, which
     # verify_files checks: the content identity engine caches key on. Filled by Manifest.from_dict, not written.
     checksums: dict[str, str] = field(default_factory=dict, compare=False)
+    # The same graph in other precisions, by precision ("fp16"): engines that compute in it run that file, and
+    # fall back to `file` when its outputs are not finite (sdrt.backends.precision). Written only when present.
+    variants: dict[str, Variant] = field(default_factory=dict)
+
+    @property
+    def files(self) -> list[str]:
+        """The component's model files: its own and its variants'."""
+        return [self.file, *(v.file for v in self.variants.values())]
 
     def to_dict(self) -> dict:
         storage = {"weights_storage": self.weights_storage} if self.weights_storage != "fp32" else {}
@@ -86,6 +111,8 @@ class Component:
             "contract": self.contract.to_dict(),
             "validation": self.validation,
         }
+        if self.variants:
+            d["variants"] = {k: v.to_dict() for k, v in self.variants.items()}
         return {**d, "preprocess": self.preprocess} if self.preprocess else d
 
     @classmethod
@@ -99,6 +126,7 @@ class Component:
             d.get("validation", {}),
             d.get("preprocess", {}),
             d.get("weights_storage", "fp32"),
+            variants={k: Variant.from_dict(v) for k, v in d.get("variants", {}).items()},
         )
 
 
@@ -155,11 +183,12 @@ class Manifest:
 
 
 def _with_checksums(component: Component, files: dict[str, str]) -> Component:
-    """The component with the checksums of its files: everything in its file's folder, or the file alone when it
-    sits at the bundle's root."""
-    folder = Path(component.file).parent.as_posix()
+    """The component with the checksums of its files: everything in its files' folders (its own and its variants'),
+    or a file alone when it sits at the bundle's root."""
+    own = set(component.files)
+    folders = {Path(f).parent.as_posix() for f in own} - {"."}
     mine = {rel: digest for rel, digest in files.items()
-            if rel == component.file or (folder != "." and rel.startswith(folder + "/"))}
+            if rel in own or any(rel.startswith(folder + "/") for folder in folders)}
     return replace(component, checksums=mine)
 
 
@@ -201,8 +230,9 @@ def verify_files(bundle: Path | str, manifest: Manifest, *, remembered: bool = T
 
     root = Path(bundle)
     for comp in manifest.components.values():
-        if comp.file not in manifest.files:
-            raise BundleError(f"component {comp.name}'s file {comp.file} has no checksum in the manifest")
+        for rel in comp.files:
+            if rel not in manifest.files:
+                raise BundleError(f"component {comp.name}'s file {rel} has no checksum in the manifest")
     verified = VerifiedFiles() if remembered else None
     for rel, digest in manifest.files.items():
         path = root / rel
