@@ -39,7 +39,14 @@ def backend_names() -> list[str]:
 
 def _engine_installed(name: str) -> bool:
     entry = _REGISTRY[name]
-    return any(importlib.util.find_spec(module) is not None for module in entry.modules or (entry.dist,))
+    return any(_findable(module) for module in entry.modules or (entry.dist,))
+
+
+def _findable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken or half-removed package counts as not installed
+        return False
 
 
 def available_backends(formats: Iterable[str] = ()) -> list[str]:

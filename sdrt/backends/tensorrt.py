@@ -92,14 +92,14 @@ class EngineStore:
             self.cache.store(key, name, lambda out: out.write_bytes(data), replace=True)
 
     def _build(self, path: Path, profile: Profile, refit_weights: bool) -> bytes:
-        timings = self.read(self.timing_key())
+        timings = self.read(self.timing_key()) if self.trt.timing_cache else None
         start = time.perf_counter()
         network = parse(self.trt, path)
         config = builder_config(network, [profile], refit=refit_weights, timing_cache=timings)
         plan = build_serialized(network, config)
         log.info("tensorrt: built %s (%s profile) in %.1f s", path.name, profile.kind, time.perf_counter() - start)
-        grown = serialized_timing_cache(config)
-        if grown != timings:
+        grown = serialized_timing_cache(network, config)
+        if grown is not None and grown != timings:
             self.keep(self.timing_key(), TIMING, grown)
         return plan
 

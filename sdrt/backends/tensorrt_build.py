@@ -46,6 +46,13 @@ class TensorRt:
     def label(self) -> str:
         return f"{self.flavour} {self.version}"
 
+    @property
+    def timing_cache(self) -> bool:
+        """Whether builds use a timing cache: TensorRT 10/11 times tactics on the GPU at build time; TensorRT for RTX
+        compiles kernels when an engine is loaded instead (its timing cache calls are no-ops since 1.2), and keeps
+        them in a runtime cache (sdrt.backends.tensorrt.LoadedEngine)."""
+        return self.flavour == "tensorrt"
+
 
 def load_tensorrt(flavour: str = "auto") -> TensorRt:
     """TensorRT for RTX, else TensorRT 10/11 (`auto`), or the one named; a BackendError naming what to install."""
@@ -151,8 +158,9 @@ def builder_config(network: Network, profiles: list[Profile], *, refit: bool, ti
     if refit:
         config.set_flag(t.BuilderFlag.REFIT)
     config.builder_optimization_level = OPTIMIZATION_LEVEL
-    cache = config.create_timing_cache(timing_cache or b"")
-    config.set_timing_cache(cache, ignore_mismatch=True)  # a cache from another TensorRT build is dropped, not fatal
+    if network.trt.timing_cache:
+        cache = config.create_timing_cache(timing_cache or b"")
+        config.set_timing_cache(cache, ignore_mismatch=True)  # a cache from another build is dropped, not fatal
     return config
 
 
@@ -165,6 +173,6 @@ def build_serialized(network: Network, config) -> bytes:
     return bytes(memoryview(plan))
 
 
-def serialized_timing_cache(config) -> bytes:
-    """The builder config's timing cache, grown by the builds it served."""
-    return bytes(memoryview(config.get_timing_cache().serialize()))
+def serialized_timing_cache(network: Network, config) -> bytes | None:
+    """The builder config's timing cache, grown by the builds it served (None where builds use none)."""
+    return bytes(memoryview(config.get_timing_cache().serialize())) if network.trt.timing_cache else None

@@ -107,7 +107,8 @@ def _validated(root: Path, manifest: Manifest, comp: Component, real: list[dict]
     if variant is None:
         return comp
     feeds = {"random": random_feeds(root, manifest, comp), "real": _spread(real)}
-    errors = {kind: [_error(root, comp, variant.file, f) for f in batch] for kind, batch in feeds.items()}
+    reference, candidate = _session(root / comp.file, comp), _session(root / variant.file, comp)
+    errors = {kind: [_error(comp, reference, candidate, f) for f in batch] for kind, batch in feeds.items()}
     worst = max((e for batch in errors.values() for e in batch), key=lambda e: e[1])
     tolerance = VARIANT_TOLERANCE[comp.name]
     log.info("%s: fp16 variant max error %.3g (%.2e of the output's range; tolerance %.0e)", comp.name, *worst,
@@ -133,23 +134,26 @@ def _spread(feeds: list[dict]) -> list[dict]:
     return [feeds[i] for i in sorted(set(picks))]
 
 
-def _error(root: Path, comp: Component, variant_file: str, feeds: dict) -> tuple[float, float]:
-    """(max abs error, relative error) of the variant against the fp32 file on `feeds`, worst output."""
-    expected, got = (_run(root / f, comp, feeds) for f in (comp.file, variant_file))
-    errors = [fp16_variant.relative_error(expected[name], got[name]) for name in comp.contract.output_names]
-    return max(errors, key=lambda e: e[1])
+def _error(comp: Component, reference, candidate, feeds: dict) -> tuple[float, float]:
+    """(max abs error, relative error) of the variant's session against the fp32 one on `feeds`, worst output."""
+    names = comp.contract.output_names
+    try:
+        expected, got = (dict(zip(names, s.run(names, feeds))) for s in (reference, candidate))
+    except Exception as e:  # ORT's own exception types
+        raise ExportError(f"{comp.name}: onnxruntime cannot run the fp32 graph or its fp16 variant: {e}") from None
+    return max((fp16_variant.relative_error(expected[n], got[n]) for n in names), key=lambda e: e[1])
 
 
-def _run(path: Path, comp: Component, feeds: dict) -> dict[str, np.ndarray]:
+def _session(path: Path, comp: Component):
+    """An ONNX Runtime CPU session on `path` (the validation reference: no engine options)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        return dict(zip(comp.contract.output_names, session.run(comp.contract.output_names, feeds)))
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # ORT's own exception types
-        raise ExportError(f"{comp.name}: onnxruntime cannot run {path.name}: {e}") from None
+        raise ExportError(f"{comp.name}: onnxruntime cannot load {path.name}: {e}") from None
 
 
 def random_feeds(root: Path, manifest: Manifest, comp: Component) -> list[dict]:
