@@ -370,3 +370,23 @@ def test_missing_packages_are_one_line_exit_2(tmp_path, blocked, argv, expected)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith(expected) and proc.stderr.count("\n") == 1, proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_external_data_models_convert_and_parse(trt, tmp_path, monkeypatch):
+    """Full-size UNets keep their weights in `model.onnx.data` (over protobuf's 2 GiB): the fp16 variant of such a
+    file is made from the graph's types plus the data file, written with its own data file, and TensorRT parses it
+    from the path (forced here on the shipped UNet: the same code a 3.4 GB UNet takes)."""
+    from sdrt.export import fp16_variant
+    from sdrt.export.onnx_files import save_onnx
+
+    source = tmp_path / "unet" / "model.onnx"
+    source.parent.mkdir()
+    save_onnx(onnx.load(str(default_bundle() / "unet" / "model.onnx")), source, external_data=True)
+    monkeypatch.setattr(fp16_variant, "EXTERNAL_DATA_THRESHOLD", 0)
+    written = fp16_variant.write_fp16_variant(source, tmp_path / "unet" / "model.fp16.onnx")
+    assert [p.name for p in written] == ["model.fp16.onnx", "model.fp16.onnx.data"]
+    assert written[0].stat().st_size < written[1].stat().st_size  # the graph here, the weights there
+    network = parse(trt, written[0])
+    names = float_initializers(written[0])
+    assert weight_name_map(network, names) == {n: n for n in names}
+    assert float_initializers(source).keys() <= names.keys()

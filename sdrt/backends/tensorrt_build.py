@@ -127,7 +127,9 @@ def parse(trt: TensorRt, path: Path) -> Network:
     t = trt.module
     logger = make_logger(trt)
     builder = t.Builder(logger)
-    network = builder.create_network(1 << int(t.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    # TensorRT 10 needs the flag; TensorRT for RTX (and 11) are strongly typed whatever it says, and may drop it.
+    strongly_typed = getattr(t.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    network = builder.create_network(0 if strongly_typed is None else 1 << int(strongly_typed))
     parser = t.OnnxParser(network, logger)
     if hasattr(t.OnnxParserFlag, "NATIVE_INSTANCENORM"):  # GroupNorm exports as InstanceNormalization (TRT demo)
         parser.set_flag(t.OnnxParserFlag.NATIVE_INSTANCENORM)
