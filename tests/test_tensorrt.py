@@ -390,3 +390,26 @@ def test_external_data_models_convert_and_parse(trt, tmp_path, monkeypatch):
     names = float_initializers(written[0])
     assert weight_name_map(network, names) == {n: n for n in names}
     assert float_initializers(source).keys() <= names.keys()
+
+
+def test_relative_error_fails_overflowed_outputs():
+    from sdrt.export.fp16_variant import relative_error
+
+    expected = np.array([1.0, -4.0, 2.0], np.float32)
+    assert relative_error(expected, expected + np.float32(0.01)) == pytest.approx((0.01, 0.0025), rel=1e-4)
+    for bad in (np.nan, np.inf):
+        assert relative_error(expected, np.array([1.0, bad, 2.0], np.float32)) == (float("inf"), float("inf"))
+
+
+def test_export_target_tensorrt_from_a_checkpoint(tiny_sd1_dir, tmp_path, capsys):
+    """`sdrt export SRC --target tensorrt`: ONNX export, then the conversion, one bundle left (a random model too)."""
+    from sdrt.cli import main
+
+    out = tmp_path / "tiny-trt"
+    assert main(["export", str(tiny_sd1_dir), "-o", str(out), "--target", "tensorrt"]) == 0
+    printed = capsys.readouterr().out
+    assert "fp16 variant unet/model.fp16.onnx" in printed and "image: PSNR" in printed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-trt"]
+    manifest = read_manifest(out)
+    for name in ("text_encoder", "unet"):
+        assert manifest.components[name].variants["fp16"].validation["relative_error"] <= FP16_RELATIVE_TOL

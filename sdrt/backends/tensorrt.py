@@ -167,6 +167,7 @@ class Binding:
         self._apply_shapes()
         context = loaded.context
         self.out_shapes = {n: tuple(context.get_tensor_shape(n)) for n in contract.output_names}
+        loaded.current = None  # the shapes are this binding's, the addresses not yet: whoever runs next sets both
         self.buffers = {n: cuda.DeviceBuffer(int(np.prod(s)) * loaded.dtype(n).itemsize)
                         for n, s in {**self.shapes, **self.out_shapes}.items()}
         self._uploaded: dict[str, np.ndarray] = {}

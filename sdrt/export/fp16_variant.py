@@ -171,6 +171,9 @@ def float_initializers(path: Path) -> dict[str, str]:
 
 
 def relative_error(expected: np.ndarray, got: np.ndarray) -> tuple[float, float]:
-    """(max abs error, that error relative to the largest magnitude of `expected`): scale-free across models."""
+    """(max abs error, that error relative to the largest magnitude of `expected`): scale-free across models; both
+    infinite when `got` holds a NaN or inf (an overflowed variant must fail any tolerance, and NaN compares false)."""
+    if not np.isfinite(got).all():
+        return float("inf"), float("inf")
     error = float(np.max(np.abs(got.astype(np.float64) - expected)))
     return error, error / max(float(np.max(np.abs(expected))), 1e-12)
