@@ -70,16 +70,18 @@ class EngineStore:
     def timing_key(self) -> str:
         return EngineCache.key({"timing-cache": self.trt.flavour, "version": self.trt.version, **self.gpu.identity()})
 
-    def plan(self, identity: dict, path: Path, profile: Profile, refit_weights: bool) -> tuple[str, bytes]:
-        """(cache key, serialized engine): from the cache, else built (and stored)."""
+    def plan(self, identity: dict, path: Path, profile: Profile, refit_weights: bool,
+             rebuild: bool = False) -> tuple[str, bytes, bool]:
+        """(cache key, serialized engine, whether it came from the cache): from the cache, else (or with `rebuild`)
+        built and stored."""
         key = EngineCache.key(identity)
-        hit = self.read(key)
+        hit = None if rebuild else self.read(key)
         if hit is not None:
-            return key, hit
+            return key, hit, True
         plan = self._build(path, profile, refit_weights)
         if self.cache:
-            self.cache.store(key, PLAN, lambda out: out.write_bytes(plan))
-        return key, plan
+            self.cache.store(key, PLAN, lambda out: out.write_bytes(plan), replace=rebuild)
+        return key, plan, False
 
     def read(self, key: str) -> bytes | None:
         """The payload of an intact entry, or None."""
@@ -261,13 +263,24 @@ class TensorRtSession:
             backend = self._backend
             identity = engine_identity(backend.trt, backend.gpu, self._component, self._file, self._precision,
                                        profile, backend.refit, self._bundle)
-            key, plan = backend.engines.plan(identity, self._bundle / self._file, profile, backend.refit)
-            loaded = LoadedEngine(backend.engines, key, plan, profile, backend.cuda_graphs, self._weight_changes())
-            self._engines[ident] = (loaded, {})
+            self._engines[ident] = (self._load(identity, profile), {})
             if len(self._engines) > MAX_ENGINES:
                 self._drop(*self._engines.popitem(last=False)[1])
         self._engines.move_to_end(ident)
         return self._engines[ident]
+
+    def _load(self, identity: dict, profile: Profile) -> LoadedEngine:
+        """The engine from the cache (or built), deserialized; a cached plan this TensorRT refuses is built again."""
+        backend, path = self._backend, self._bundle / self._file
+        key, plan, cached = backend.engines.plan(identity, path, profile, backend.refit)
+        try:
+            return LoadedEngine(backend.engines, key, plan, profile, backend.cuda_graphs, self._weight_changes())
+        except BackendError as e:
+            if not cached:
+                raise
+            log.warning("tensorrt: %s (%s); building it again", e, self.contract.component)
+            key, plan, _ = backend.engines.plan(identity, path, profile, backend.refit, rebuild=True)
+            return LoadedEngine(backend.engines, key, plan, profile, backend.cuda_graphs, self._weight_changes())
 
     def _weight_changes(self):
         """New values of the weights `deltas` change, computed once (the engines of every profile take them)."""
