@@ -56,6 +56,23 @@ class TokenizerInfo:
 
 
 @dataclass(frozen=True)
+class Variant:
+    """The component's graph in another precision (an fp16 graph for GPU engines), validated against its file: the
+    same contract, inputs and outputs in the contract's dtypes."""
+
+    file: str
+    precision: str
+    validation: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "precision": self.precision, "validation": self.validation}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Variant:
+        return cls(d["file"], d["precision"], d.get("validation", {}))
+
+
+@dataclass(frozen=True)
 class Component:
     """One exported graph: its file, engine format, precision, weight storage, contract and measured parity."""
 
@@ -83,6 +100,14 @@ class Component:
     # The sha256 of every bundle file the component's engine opens, from the manifest, which verify_files checks:
     # the content identity engine caches key on. Filled by Manifest.from_dict, not written.
     checksums: dict[str, str] = field(default_factory=dict, compare=False)
+    # The same graph in other precisions, by precision ("fp16"): engines that compute in it run that file, and
+    # fall back to `file` when its outputs are not finite (sdrt.backends.precision). Written only when present.
+    variants: dict[str, Variant] = field(default_factory=dict)
+
+    @property
+    def model_files(self) -> list[str]:
+        """The component's model files: its own and its variants'."""
+        return [self.file, *(v.file for v in self.variants.values())]
 
     def to_dict(self) -> dict:
         storage = {"weights_storage": self.weights_storage} if self.weights_storage != "fp32" else {}
@@ -97,6 +122,8 @@ class Component:
             "contract": self.contract.to_dict(),
             "validation": self.validation,
         }
+        if self.variants:
+            d["variants"] = {k: v.to_dict() for k, v in self.variants.items()}
         extra = {"preprocess": self.preprocess} if self.preprocess else {}
         return {**d, **extra, **({"tables": self.tables} if self.tables else {})}
 
@@ -114,6 +141,7 @@ class Component:
             tuple(d.get("files", ())),
             d.get("tables", {}),
             d.get("weights_map", ""),
+            variants={k: Variant.from_dict(v) for k, v in d.get("variants", {}).items()},
         )
 
 
@@ -166,12 +194,12 @@ class Manifest:
 
 
 def _with_checksums(component: Component, files: dict[str, str]) -> Component:
-    """The component with the checksums of the files it opens (its record; in older bundles everything in its
-    file's folder, or the file alone when it sits at the bundle's root)."""
-    folder = Path(component.file).parent.as_posix()
-    mine = {rel: files[rel] for rel in component.files if rel in files} if component.files else {
-        rel: digest for rel, digest in files.items()
-        if rel == component.file or (folder != "." and rel.startswith(folder + "/"))}
+    """The component with the checksums of the files it opens: its record of them, its model files (its own and
+    its variants') and, as in older bundles, everything in those files' folders."""
+    own = set(component.files) | set(component.model_files)
+    folders = {Path(f).parent.as_posix() for f in component.model_files} - {"."}
+    mine = {rel: digest for rel, digest in files.items()
+            if rel in own or any(rel.startswith(folder + "/") for folder in folders)}
     return replace(component, checksums=mine)
 
 
@@ -216,7 +244,7 @@ def verify_files(bundle: Path | str, manifest: Manifest, *, remembered: bool = T
 
     root = Path(bundle)
     for comp in manifest.components.values():
-        for rel in filter(None, (comp.file, comp.weights_map)):
+        for rel in filter(None, (*comp.model_files, comp.weights_map)):
             if rel not in manifest.files:
                 raise BundleError(f"component {comp.name}'s file {printable(rel)} has no checksum in the manifest")
     verified = VerifiedFiles() if remembered else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import posixpath
 import stat
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -99,7 +100,8 @@ def check_opened(root: Path, manifest) -> None:
         if unlisted:
             raise BundleError(f"component {comp.name} would open {printable(unlisted[0])}, which its manifest "
                               "entry does not list")
-        for rel in declared:
+        variants = [rel for v in comp.variants.values() for rel in opened_files(root, replace(comp, file=v.file))]
+        for rel in (*declared, *variants):
             if rel not in manifest.files:
                 raise BundleError(f"component {comp.name}'s file {printable(rel)} has no checksum in the manifest")
 

@@ -200,10 +200,13 @@ class EngineCache:
         _touch(entry / RECORD)
         return payload
 
-    def store(self, key: str, name: str, produce: Callable[[Path], None]) -> Path | None:
+    def store(self, key: str, name: str, produce: Callable[[Path], None], *, replace: bool = False) -> Path | None:
         """Have `produce(path)` write the payload (a file or folder called `name`) into a private staging folder,
         record its checksum and rename the entry into place; returns the payload's final path, or None (with a
-        warning) when the cache cannot be written. Errors of `produce` itself propagate, leaving nothing behind."""
+        warning) when the cache cannot be written. Errors of `produce` itself propagate, leaving nothing behind.
+
+        Entries are immutable, so a second store of a key keeps the first; `replace` swaps in the new one instead,
+        for caches that grow (TensorRT's timing cache): readers see the old entry, the new one, or none."""
         staging = None
         try:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -215,7 +218,10 @@ class EngineCache:
             record = {"format": RECORD_FORMAT, "payload": name, "sha256": _tree_sha256(staging / name, files),
                       "bytes": sum(p.stat().st_size for _, p in files), "signature": _tree_signature(files)}
             (staging / RECORD).write_text(json.dumps(record))
-            staging = self._publish(staging, self.root / f"{key}{ENTRY_SUFFIX}")
+            entry = self.root / f"{key}{ENTRY_SUFFIX}"
+            if replace:
+                self._set_aside(entry)
+            staging = self._publish(staging, entry)
         except OSError as e:
             log.warning("engine cache: cannot store an entry in %s (%s); the next run compiles again", self.root, e)
             return None
@@ -237,6 +243,13 @@ class EngineCache:
                 log.debug("engine cache: %s was stored meanwhile by another process (%s)", entry.name, e)
                 return staging
             raise
+
+    def _set_aside(self, entry: Path) -> None:
+        """Move an entry out of the way under a staging name (removed here, or by `evict` if this process dies)."""
+        if entry.is_dir() and not entry.is_symlink():
+            aside = self.root / f".{entry.name[:-len(ENTRY_SUFFIX)]}.staging-old-{os.getpid()}-{time.time_ns()}"
+            os.rename(entry, aside)
+            self._remove(aside)
 
     def _intact(self, entry: Path, payload: Path, record: dict) -> bool:
         files = _payload_files(payload)

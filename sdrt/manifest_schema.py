@@ -129,6 +129,9 @@ COMPONENT = Record({
     # Arrays beside the graph the runtime builds inputs from (the text encoder's token_embedding): name -> .npy.
     "tables": MapOf(Text(pattern=r"[a-z][a-z0-9_]*", what="a table name", max_len=64), PATH, max_items=16),
     "weights_map": PATH,  # where each torch parameter is in `file` (sdrt.weights_map), for LoRA
+    # The same graph in other precisions (fp16 for GPU engines), by precision.
+    "variants": MapOf(LABEL, Record({"file": PATH, "precision": LABEL, "validation": COMPONENT_VALIDATION},
+                                    required=("file", "precision")), max_items=8),
 }, required=("file", "contract"))
 
 SOURCE = Record({

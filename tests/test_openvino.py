@@ -358,8 +358,8 @@ def test_backend_options_are_checked():
         OpenVinoBackend(precision="f8")
     with pytest.raises(BackendError, match="needs hint='throughput'"):
         OpenVinoBackend(streams=2)
-    with pytest.raises(BackendError, match="has no option precision; its options are: device, threads"):
-        get_backend("onnxruntime", precision="f32")
+    with pytest.raises(BackendError, match="has no option hint; its options are: device, threads, cache, precision"):
+        get_backend("onnxruntime", hint="latency")
     assert OpenVinoBackend(precision="auto").precision in ("bf16", "f16", "f32")
 
 

@@ -62,12 +62,15 @@ class Clock:
 Generate = Callable[[object, Clock], object]
 
 
-def diffusers_call(pipe, job: Job, clock: Clock):
+def diffusers_call(pipe, job: Job, clock: Clock, sync: Callable[[], None] | None = None):
     """One image from a diffusers-style pipeline (diffusers, optimum): the job's request, a seeded CPU generator
-    as diffusers uses, and the clock ticked after every step. torch is imported here: those venvs all have it."""
+    as diffusers uses, and the clock ticked after every step (after `sync()`: a GPU pipeline queues work ahead of
+    the host). torch is imported here: those venvs all have it."""
     import torch
 
     def on_step(pipe, i, t, kwargs):
+        if sync is not None:
+            sync()
         clock.step()
         return kwargs
 

@@ -6,12 +6,13 @@ import common  # first: starts the clock before the engine is imported
 from sdrt import GenerationRequest, Pipeline
 
 
+ENGINE_OPTIONS = ("device", "precision", "shapes", "cache_dir")  # passed through to the backend when given
+
+
 def load(job: common.Job):
-    options = {}
-    if job.options["backend"] == "openvino":  # cold start compiles, unless the harness measures a warm cache
-        options = {"cache_dir": job.options["cache_dir"]} if "cache_dir" in job.options else {"cache": False}
-    if "precision" in job.options:
-        options["precision"] = job.options["precision"]
+    options = {k: job.options[k] for k in ENGINE_OPTIONS if k in job.options}
+    if job.options["backend"] in ("openvino", "tensorrt") and "cache_dir" not in options:
+        options["cache"] = False  # cold start compiles, unless the harness measures a warm cache
     return Pipeline.load(job.model, backend=job.options["backend"], **options)
 
 
@@ -32,7 +33,7 @@ def generate(pipe, job: common.Job, clock: common.Clock):
 
 def describe(pipe, job: common.Job) -> dict:
     unet, resolved = pipe.manifest.components["unet"], request(job).resolve(pipe.manifest)
-    return {
+    described = {
         "precision": compute_precision(pipe),
         "weights": unet.precision,
         "backend_label": pipe.backend.label,
@@ -40,12 +41,18 @@ def describe(pipe, job: common.Job) -> dict:
         "kind": resolved.kind,
         "unet_batch": 2 if resolved.guidance_scale > 1 else 1,  # guidance off (LCM) skips the unconditional half
     }
+    if job.options.get("device", "cpu") != "cpu" or job.options["backend"] == "tensorrt":
+        from sdrt.backends.cuda import memory_in_use
+
+        described["gpu_memory_bytes"] = memory_in_use()  # the whole device's use, as diffusers_cuda.py reports
+    return described
 
 
 def compute_precision(pipe) -> str:
-    """What the engine computes the UNet in: OpenVINO's compiled INFERENCE_PRECISION_HINT; ONNX Runtime CPU: fp32."""
+    """What the engine computes the UNet in: OpenVINO's compiled INFERENCE_PRECISION_HINT; TensorRT and ONNX Runtime:
+    the precision of the graphs they run (fp16 variants on GPUs by default)."""
     if pipe.backend.name != "openvino":
-        return "fp32"
+        return getattr(pipe.backend, "precision", "fp32")
     requests = getattr(pipe.session("unet"), "_requests", None)  # the compiled model behind the session, if exposed
     if requests:
         value = requests[0].get_compiled_model().get_property("INFERENCE_PRECISION_HINT")

@@ -15,14 +15,18 @@ class Entry(NamedTuple):
 
     module: str
     cls: str
-    dist: str
+    dist: str  # also the name of the sdrt extra that installs it
     formats: tuple[str, ...]  # as the class's `formats`, stated here so choosing one imports no engine
+    modules: tuple[str, ...] = ()  # import names any of which provides the engine (default: `dist`)
 
 
 # In order of preference: the first installed backend that runs a bundle's formats is the default.
 _REGISTRY: dict[str, Entry] = {
     "onnxruntime": Entry("sdrt.backends.onnxruntime", "OnnxRuntimeBackend", "onnxruntime", ("onnx",)),
     "openvino": Entry("sdrt.backends.openvino", "OpenVinoBackend", "openvino", ("openvino", "onnx")),
+    # TensorRT for RTX, or TensorRT 10/11 where a user has it (sdrt.backends.tensorrt_build.load_tensorrt).
+    "tensorrt": Entry("sdrt.backends.tensorrt", "TensorRtBackend", "tensorrt-rtx", ("onnx",),
+                      ("tensorrt_rtx", "tensorrt")),
 }
 
 __all__ = ["Backend", "Session", "WeightDeltas", "available_backends", "get_backend", "backend_names"]
@@ -34,7 +38,15 @@ def backend_names() -> list[str]:
 
 
 def _engine_installed(name: str) -> bool:
-    return importlib.util.find_spec(_REGISTRY[name].dist) is not None
+    entry = _REGISTRY[name]
+    return any(_findable(module) for module in entry.modules or (entry.dist,))
+
+
+def _findable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken or half-removed package counts as not installed
+        return False
 
 
 def available_backends(formats: Iterable[str] = ()) -> list[str]:

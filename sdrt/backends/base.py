@@ -74,3 +74,16 @@ def check_names(contract: Contract, inputs: list[str], outputs: list[str], engin
             f"{contract.component}: the {engine} graph has inputs {sorted(inputs)} and outputs {sorted(outputs)}, "
             f"expected inputs {sorted(contract.input_names)} and outputs {contract.output_names}"
         )
+
+
+def frozen(array: np.ndarray) -> np.ndarray:
+    """`array` made read-only and owning its memory (copied only when it is a view): a promise to engines that it
+    will not change, so a GPU engine may keep its device copy while the same object is fed again (`is_frozen`)."""
+    out = array if array.base is None else array.copy()
+    out.setflags(write=False)
+    return out
+
+
+def is_frozen(array: np.ndarray) -> bool:
+    """Whether `array` was made by `frozen` (or is otherwise read-only and owns its memory)."""
+    return not array.flags.writeable and array.base is None

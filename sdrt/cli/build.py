@@ -18,6 +18,7 @@ EXPORT_EXAMPLES = """examples:
 CONVERT_EXAMPLES = """examples:
   sdrt convert sd15 -o sd15-ov --target openvino                  # fp32 IR, gated by image PSNR
   sdrt convert sd15 -o sd15-ov8 --target openvino --weights int8 --quantize-unet
+  sdrt convert sd15 -o sd15-trt --target tensorrt --check         # fp16 variants; what TensorRT sees, no GPU needed
 """
 
 
@@ -108,12 +109,14 @@ def _convert(args) -> int:
 
 
 def print_bundle(output: Path, manifest) -> None:
-    from sdrt.cli.info import psnr_text, storage_text
+    from sdrt.cli.info import psnr_text, storage_text, variant_text
 
     print(f"{printable(output)}: {len(manifest.components)} components, {len(manifest.files)} files")
     for comp in manifest.components.values():
         v = comp.validation
         print(f"  {comp.name}: {comp.format} {comp.precision}{storage_text(comp)}, export max abs error "
               f"{v.get('max_abs_error', float('nan')):.2e} (tolerance {v.get('tolerance')})")
+        for variant in comp.variants.values():
+            print(f"    {variant_text(variant)}")
     if "validation" in manifest.source:
         print(f"  image: {psnr_text(manifest.source['validation'])}")

@@ -9,6 +9,7 @@ EXAMPLES = """examples:
   sdrt generate "a red circle on a blue background" -o out.png        # the model shipped with sdrt
   sdrt generate "a photo of an astronaut" -b sd15 --sampler "Euler a" --schedule Karras --steps 25 --seed -1
   sdrt generate "a stone castle" -b sd15 --init-image photo.png --strength 0.6 --n-iter 4 -o castle.png
+  sdrt generate "a lighthouse at dusk" -b sd15-trt --backend tensorrt -o lighthouse.png   # NVIDIA GPU
 """
 
 
@@ -77,8 +78,11 @@ def _add_engine_options(p) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--backend", help="engine (default: the first installed that runs the bundle)")
     g.add_argument("--device", help="engine device, e.g. cpu (default) or cuda")
-    g.add_argument("--precision", choices=["auto", "bf16", "f32"], help="openvino: compute precision (default auto: "
-                   "the device's own, bf16 on CPUs with AVX512-BF16 or AMX)")
+    g.add_argument("--precision", choices=["auto", "bf16", "f16", "f32"], help="openvino: compute precision "
+                   "(default auto: the device's own, bf16 on CPUs with AVX512-BF16 or AMX); tensorrt, onnxruntime: "
+                   "f16 runs the bundle's fp16 variants (auto: on GPUs), f32 its fp32 graphs")
+    g.add_argument("--shapes", choices=["static", "dynamic"], help="tensorrt: engines for each request's exact "
+                   "shapes (default, fastest) or one engine for 256-1024 px, 1-8 images, prompts up to 4 chunks")
     g.add_argument("--hint", choices=["latency", "throughput"], help="openvino: performance hint (default latency)")
     g.add_argument("--threads", type=int, metavar="N", help="CPU threads for the engine (default: one per core)")
     g.add_argument("--no-cache", dest="cache", action="store_false", default=None,
@@ -161,7 +165,7 @@ def _request(args, prompt: str):
 
 def _engine_options(args) -> dict:
     given = {"device": args.device, "precision": args.precision, "hint": args.hint, "cache": args.cache,
-             "threads": args.threads}
+             "threads": args.threads, "shapes": args.shapes}
     return {k: v for k, v in given.items() if v is not None}
 
 

@@ -60,6 +60,7 @@ def describe(root: Path, manifest) -> str:
         err = c.validation.get("max_abs_error")
         check = f"max abs error {err:.2e} <= {c.validation.get('tolerance')}" if err is not None else "not validated"
         lines.append(f"  {c.name:<13} {c.file} ({c.format}, {c.precision}{storage_text(c)}; {check})")
+        lines.extend(f"      {variant_text(v)}" for v in c.variants.values())
         for kind, specs in (("in ", c.contract.inputs), ("out", c.contract.outputs)):
             for t in specs:
                 lines.append(f"      {kind} {t.name}: {t.dtype} {list(t.shape)}")
@@ -75,3 +76,11 @@ def psnr_text(v: dict) -> str:
 def storage_text(component) -> str:
     """", fp16 weights" for a component whose file stores its weights as fp16; "" for fp32 storage."""
     return "" if component.weights_storage == "fp32" else f", {component.weights_storage} weights"
+
+
+def variant_text(variant) -> str:
+    """One line on a precision variant: its file and its measured error against the component's own file."""
+    v = variant.validation
+    check = f"{v['relative_error']:.1e} of the output's range <= {v.get('tolerance')}" if "relative_error" in v \
+        else "not validated"
+    return f"{variant.precision} variant {variant.file} ({check})"

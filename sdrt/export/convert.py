@@ -9,6 +9,8 @@ import shutil
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import numpy as np
+
 from sdrt.backends import Backend, get_backend
 from sdrt.bundle import MANIFEST, Manifest, read_manifest, sha256_file, verify_files
 from sdrt.errors import BackendError, ExportError
@@ -72,14 +74,47 @@ def reference_backend() -> Backend:
         return get_backend("openvino", precision="f32", cache=False)
 
 
+class _Recorder:
+    """A session that keeps a copy of every feed it runs."""
+
+    def __init__(self, session, feeds: list[dict]):
+        self.contract, self._session, self._feeds = session.contract, session, feeds
+
+    def prepare(self, dims) -> None:
+        self._session.prepare(dims)
+
+    def run(self, feeds):
+        self._feeds.append({name: np.array(array) for name, array in feeds.items()})
+        return self._session.run(feeds)
+
+    def close(self) -> None:
+        self._session.close()
+
+
+class RecordingBackend:
+    """`backend`, recording the feeds of the components named in `names` (the UNet's inputs along a denoising
+    trajectory: calibration for quantization, real inputs for validating a conversion) in `feeds[name]`."""
+
+    formats = ("onnx",)
+
+    def __init__(self, backend: Backend, names: tuple[str, ...]):
+        self._backend, self.name, self.label = backend, backend.name, backend.label
+        self.feeds: dict[str, list[dict]] = {name: [] for name in names}
+
+    def load(self, bundle: Path, component):
+        session = self._backend.load(bundle, component)
+        return _Recorder(session, self.feeds[component.name]) if component.name in self.feeds else session
+
+
 def check_image_psnr(
     src: Path, source: Manifest, root: Path, converted: Manifest, *, reference: Backend, candidate: Backend,
-    gate: float, what: str, request: GenerationRequest = GATE_REQUEST,
+    gate: float, what: str, request: GenerationRequest = GATE_REQUEST, expected=None,
 ) -> dict:
-    """Generate `request` on the source (on `reference`) and the converted bundle (on `candidate`); raise
-    ExportError below `gate` dB naming `what` was refused; returns the validation record for the manifest."""
-    with Pipeline(src, source, reference) as pipe:
-        expected = pipe.generate(request)[0].image
+    """Generate `request` on the source (on `reference`; `expected`: that image, when the caller drew it already)
+    and the converted bundle (on `candidate`); raise ExportError below `gate` dB naming `what` was refused;
+    returns the validation record for the manifest."""
+    if expected is None:
+        expected = reference_image(src, source, reference, request)
     with Pipeline(root, converted, candidate) as pipe:
         got = pipe.generate(request)[0].image
     measured = psnr(expected, got)
@@ -99,6 +134,12 @@ def check_image_psnr(
                     "sampler": request.sampler, "guidance_scale": request.guidance_scale,
                     "size": [expected.width, expected.height]},
     }
+
+
+def reference_image(src: Path, source: Manifest, reference: Backend, request: GenerationRequest = GATE_REQUEST):
+    """The gate request's image from the source bundle on `reference`."""
+    with Pipeline(src, source, reference) as pipe:
+        return pipe.generate(request)[0].image
 
 
 def provenance(src: Path, source: Manifest, validation: dict) -> dict:

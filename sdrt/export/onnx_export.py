@@ -1,4 +1,5 @@
-"""Trace a wrapper to ONNX with its contract's names and dynamic axes; large models keep weights in one .data file."""
+"""Trace a wrapper to ONNX with its contract's names and dynamic axes; large models keep weights in one .data file
+(sdrt.export.onnx_files)."""
 from __future__ import annotations
 
 import logging
@@ -13,14 +14,9 @@ from torch import nn
 from sdrt.contracts import Contract
 from sdrt.errors import ExportError
 from sdrt.export.fp16_storage import store_fp16
+from sdrt.export.onnx_files import EXTERNAL_DATA_THRESHOLD, save_onnx
 
 log = logging.getLogger(__name__)
-
-# Parameter bytes above which weights go to `<model>.onnx.data`. A protobuf file cannot exceed 2 GiB; the graph,
-# folded constants and proto overhead come on top of the weights, so switch well before (SD1's fp32 UNet, 3.4 GB,
-# is over it; its text encoder, 0.5 GB, and VAE halves, < 0.2 GB, stay single files).
-EXTERNAL_DATA_THRESHOLD = 1 << 30
-DATA_SUFFIX = ".data"
 
 # Exporter noise that says nothing about this export: the legacy exporter's deprecation notices, and a constant
 # folding pass that skips strided slices (the VAE encoder's chunk), which ONNX Runtime folds on load instead.
@@ -62,7 +58,7 @@ def export_onnx(
         model = onnx.load(str(traced))
     if weights_storage == "fp16":
         store_fp16(model)
-    return _save(model, path, external_data)
+    return save_onnx(model, path, external_data)
 
 
 def _trace(module: nn.Module, args: tuple, contract: Contract, path: Path, opset: int) -> None:
@@ -83,19 +79,3 @@ def _trace(module: nn.Module, args: tuple, contract: Contract, path: Path, opset
             )
     except (RuntimeError, TypeError, ValueError, torch.onnx.errors.OnnxExporterError) as e:
         raise ExportError(f"{contract.component}: ONNX export failed: {e}") from e
-
-
-def _save(model: onnx.ModelProto, path: Path, external_data: bool) -> list[Path]:
-    if not external_data:
-        onnx.save_model(model, str(path))
-        onnx.checker.check_model(str(path))
-        log.debug("wrote %s", path)
-        return [path]
-    data = path.with_name(path.name + DATA_SUFFIX)
-    onnx.save_model(
-        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-        location=data.name, size_threshold=1024,
-    )
-    onnx.checker.check_model(str(path))  # by path: the checker then follows the external data
-    log.debug("wrote %s with its weights in %s", path, data.name)
-    return [path, data]

@@ -12,8 +12,8 @@ from sdrt.backends.onnx_file import OnnxFile
 from sdrt.bundle import BundleWriter, Component, Manifest
 from sdrt.errors import ExportError
 from sdrt.export.convert import (
-    GATE_REQUEST, check_gate, check_image_psnr, copy_tables, copy_tokenizer, open_onnx_source, provenance,
-    reference_backend, tool_versions,
+    GATE_REQUEST, RecordingBackend, check_gate, check_image_psnr, copy_tables, copy_tokenizer, open_onnx_source,
+    provenance, reference_backend, tool_versions,
 )
 from sdrt.runtime.pipeline import Pipeline
 from sdrt.runtime.request import GenerationRequest
@@ -60,7 +60,7 @@ MIN_PSNR_DB = {"fp32": 35.0, "int8": 30.0}
 INT8_MIN_PSNR_DB = MIN_PSNR_DB["int8"]
 # Prompts whose denoising trajectories calibrate a quantized UNet's activation ranges (seeds follow the gate's):
 # 4 x 12 steps = 48 UNet inputs. On the shipped model, recorded in f32, 1-3 prompts gave a 35.2 dB gate image and
-# 4-6 gave 37.4 dB (35.0 with 4 recorded in bf16, as _RecordingBackend does); each prompt costs 12 UNet calls to
+# 4-6 gave 37.4 dB (35.0 with 4 recorded in bf16, as collect_unet_inputs does); each prompt costs 12 UNet calls to
 # record and 12 to collect statistics (minutes at 512x512 on a small CPU).
 CALIBRATION_PROMPTS = (
     "a green triangle on a white background", "two yellow stars", "a large purple square, small orange circle",
@@ -221,47 +221,17 @@ def _feeds_output(op, hops: int = 2) -> bool:
     return any(u.get_type_name() == "Result" or (hops > 1 and _feeds_output(u, hops - 1)) for u in users)
 
 
-class _Recorder:
-    """A session that keeps a copy of every feed it runs (the UNet inputs along a denoising trajectory)."""
-
-    def __init__(self, session, feeds: list[dict]):
-        self.contract, self._session, self._feeds = session.contract, session, feeds
-
-    def prepare(self, dims) -> None:
-        self._session.prepare(dims)
-
-    def run(self, feeds):
-        self._feeds.append({name: array.copy() for name, array in feeds.items()})
-        return self._session.run(feeds)
-
-    def close(self) -> None:
-        self._session.close()
-
-
-class _RecordingBackend:
-    """OpenVINO on the source bundle at the CPU's default precision (bf16 where it has it: calibration needs
-    representative inputs, not exact ones, at half f32's cost), recording the UNet's inputs."""
-
-    name, formats = "openvino", ("onnx",)
-
-    def __init__(self):
-        self._backend, self.feeds = get_backend("openvino", cache=False), []
-        self.label = self._backend.label
-
-    def load(self, bundle: Path, component: Component):
-        session = self._backend.load(bundle, component)
-        return _Recorder(session, self.feeds) if component.name == "unet" else session
-
-
 def collect_unet_inputs(src: Path, manifest: Manifest, request: GenerationRequest) -> list[dict]:
     """UNet feeds along the source's trajectories for CALIBRATION_PROMPTS, at the gate's size, steps and sampler."""
-    backend = _RecordingBackend()
+    # OpenVINO at the CPU's default precision (bf16 where it has it): calibration needs representative inputs, not
+    # exact ones, at half f32's cost.
+    backend = RecordingBackend(get_backend("openvino", cache=False), ("unet",))
     start = time.perf_counter()
     with Pipeline(src, manifest, backend) as pipe:
         for i, prompt in enumerate(CALIBRATION_PROMPTS, start=1):
             pipe.generate(replace(request, prompt=prompt, seed=request.seed + i))
-    log.info("unet: %d calibration inputs in %.1f s", len(backend.feeds), time.perf_counter() - start)
-    return backend.feeds
+    log.info("unet: %d calibration inputs in %.1f s", len(backend.feeds["unet"]), time.perf_counter() - start)
+    return backend.feeds["unet"]
 
 
 def _check_image(

@@ -62,7 +62,7 @@ PROVIDED_BY = {"onnxruntime": "pip install 'sdrt[onnxruntime]' (or 'sdrt[onnxrun
 
 # Options more than one target reads are defined once and listed by each.
 PSNR_GATE = Option("--psnr-gate", "psnr_gate", "minimum image PSNR in dB against the source bundle (default: the "
-                   "target's: 35 for fp32, 30 for int8)", type=float)
+                   "target's: 35 for fp32, 30 for int8 and fp16)", type=float)
 WEIGHTS_STORAGE = Option(
     "--weights-storage", "weights_storage", "how the ONNX files store weights: fp16 halves them (large weights "
     "rounded to fp16, each cast back to fp32 in the graph: compute, inputs and outputs stay fp32; validated "
@@ -84,6 +84,20 @@ TARGETS: dict[str, Target] = {
                 Option("--quantize-unet", "quantize_unet", "openvino, with --weights int8: int8 activations too in "
                        "the UNet's SiLU->conv layers (int8 kernels), calibrated on the model's own denoising",
                        False, action="store_true"),
+                PSNR_GATE,
+            ),
+        ),
+        Target(
+            "tensorrt", "the ONNX bundle plus fp16 text encoder and UNet variants for NVIDIA GPUs (TensorRT, "
+            "onnxruntime cuda), validated on the CPU; engines built here when a GPU is present",
+            "sdrt.export.tensorrt:convert_bundle", "tensorrt-rtx", from_checkpoint=False,
+            options=(
+                Option("--check", "check", "tensorrt: parse every component with TensorRT and print what it sees "
+                       "(layers, inputs, profiles, refit, unsupported operators), then stop before building "
+                       "engines (that step needs a GPU)", False, action="store_true"),
+                Option("--shapes", "shapes", "tensorrt: engines for the request's exact shapes (static, fastest) or "
+                       "one for 256-1024 px, 1-8 images, prompts up to 4 chunks (dynamic). Default static",
+                       "static", ("static", "dynamic")),
                 PSNR_GATE,
             ),
         ),

@@ -12,6 +12,8 @@ from PIL import Image
 
 from sdrt import __version__
 from sdrt.backends import Backend, Session, get_backend
+from sdrt.backends.base import frozen
+from sdrt.backends.precision import fallback_notes
 from sdrt.bundle import Component, Manifest, read_manifest, verify_files
 from sdrt.errors import BundleError
 from sdrt.runtime.guidance import ClassifierFreeGuidance
@@ -180,7 +182,7 @@ class Pipeline:
     def _model(self, guidance: ClassifierFreeGuidance, start: Start, rescale: float):
         """The denoiser D(x, sigma, t) the samplers call: scale input, append the start's extra channels (after the
         scaling, as diffusers' inpaint pipeline does), guided UNet, prediction -> denoised."""
-        context = guidance.context()
+        context = frozen(guidance.context())  # the same for every step: a GPU engine uploads it once
         channels = guidance.batch(start.unet_channels().astype(np.float32))
         extra = {name: guidance.batch(value) for name, value in start.feeds.items()}
 
@@ -348,6 +350,7 @@ class Pipeline:
             "Watermark": watermark_payload(self.manifest).decode() if watermarked else
             "off" if not req.watermark else "none (image under 256x256)",
             "Backend": self.backend.label,
+            "Precision fallback": fallback_notes(self._sessions.values()),  # sdrt.backends.precision
             "Version": f"sdrt {__version__}",
         }
         return infotext(infotext_prompt(prompt, req.loras), negative, fields)

@@ -85,13 +85,18 @@ class TextEncoder:
                  clip_skip: int = 1) -> np.ndarray:
         if self.table is None:
             return self._legacy(ids, fixes, clip_skip)
+        return self._run(self.feeds(ids, fixes))[TEXT_OUTPUT][:, -clip_skip]
+
+    def feeds(self, ids: np.ndarray, fixes: Sequence[tuple[int, int, np.ndarray]] = ()) -> dict[str, np.ndarray]:
+        """The graph's inputs for token ids: their embeddings with the fixes in place (ids in older bundles)."""
+        if self.table is None:
+            return {LEGACY_INPUT: ids.astype(np.int32)}
         embeds = np.asarray(self.table[ids], dtype=np.float32)
         for row, position, vectors in fixes:
             # A1111 EmbeddingsWithFixes: as many vectors as fit before the end of the sequence.
             count = min(len(vectors), embeds.shape[1] - position)
             embeds[row, position: position + count] = vectors[:count]
-        feeds = {TEXT_INPUT: embeds}
-        return self._run(feeds)[TEXT_OUTPUT][:, -clip_skip]
+        return {TEXT_INPUT: embeds}
 
     def _legacy(self, ids: np.ndarray, fixes: Sequence, clip_skip: int) -> np.ndarray:
         if fixes:
@@ -100,5 +105,4 @@ class TextEncoder:
                               f"`{reexport_hint(self.manifest)}`")
         if clip_skip != 1:
             check_clip_skip(self.manifest, clip_skip)
-        feeds = {LEGACY_INPUT: ids.astype(np.int32)}
-        return self._run(feeds)[LEGACY_OUTPUT]
+        return self._run(self.feeds(ids))[LEGACY_OUTPUT]
