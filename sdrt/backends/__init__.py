@@ -23,6 +23,7 @@ class Entry(NamedTuple):
 _REGISTRY: dict[str, Entry] = {
     "onnxruntime": Entry("sdrt.backends.onnxruntime", "OnnxRuntimeBackend", "onnxruntime", ("onnx",)),
     "openvino": Entry("sdrt.backends.openvino", "OpenVinoBackend", "openvino", ("openvino", "onnx")),
+    "torch": Entry("sdrt.backends.torch", "TorchBackend", "torch", ("torch",)),
 }
 
 __all__ = ["Backend", "Session", "available_backends", "get_backend", "backend_names"]
@@ -34,7 +35,10 @@ def backend_names() -> list[str]:
 
 
 def _engine_installed(name: str) -> bool:
-    return importlib.util.find_spec(_REGISTRY[name].dist) is not None
+    try:
+        return importlib.util.find_spec(_REGISTRY[name].dist) is not None
+    except (ImportError, ValueError):  # a broken or blocked install: as good as none
+        return False
 
 
 def available_backends(formats: Iterable[str] = ()) -> list[str]:
