@@ -110,3 +110,27 @@ def sdrt_pipe(tiny_sd1_bundle):
 
     with Pipeline.load(tiny_sd1_bundle, backend="onnxruntime") as pipe:
         yield pipe
+
+
+# Compiler settings of the torch backend's tests (sdrt.backends.torch: AOTInductor on the CPU), chosen for compile
+# time: one compile process (no worker pool to start on a small machine), and the CPU's vector instruction set taken
+# from /proc/cpuinfo instead of compiling probe programs for each (tests/test_torch_backend.py has the figures).
+TORCH_TEST_COMPILE = {"compile_threads": 1, "cpp.vec_isa_ok": True}
+
+
+@pytest.fixture(scope="session")
+def torch_options(tmp_path_factory):
+    """TorchBackend options every torch test shares: one package cache for the session and TORCH_TEST_COMPILE."""
+    pytest.importorskip("torch")
+    return {"device": "cpu", "cache_dir": tmp_path_factory.mktemp("torch-packages"),
+            "inductor_options": TORCH_TEST_COMPILE}
+
+
+@pytest.fixture(scope="session")
+def tiny_torch_bundle(tiny_sd1_dir, tmp_path_factory):
+    """`tiny_sd1_dir` exported by `sdrt export --target torch` (exported once; tests must not modify it)."""
+    from sdrt.cli import main
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-sd1-torch"
+    assert main(["export", str(tiny_sd1_dir), "-o", str(out), "--target", "torch"]) == 0
+    return out

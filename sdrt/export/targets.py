@@ -75,9 +75,6 @@ TARGETS: dict[str, Target] = {
     for t in (
         Target("onnx", "ONNX graphs, validated against torch: the reference bundle every ONNX engine runs",
                "sdrt.export.exporter:export_bundle", "export", from_checkpoint=True, options=(OPSET, WEIGHTS_STORAGE)),
-        Target("torch", "torch.export programs (.pt2), validated against torch: compiled with AOTInductor on the "
-               "user's device by the torch backend", "sdrt.export.torch_export:export_torch_bundle", "export",
-               from_checkpoint=True),
         Target(
             "openvino", "OpenVINO IR, fp32 or int8, gated by image PSNR against the ONNX bundle",
             "sdrt.export.openvino:convert_bundle", "openvino", from_checkpoint=False,
@@ -90,6 +87,9 @@ TARGETS: dict[str, Target] = {
                 PSNR_GATE,
             ),
         ),
+        Target("torch", "torch.export programs (.pt2), validated against torch: compiled with AOTInductor on the "
+               "user's device by the torch backend", "sdrt.export.torch_export:export_torch_bundle", "export",
+               from_checkpoint=True),
     )
 }
 

@@ -80,6 +80,14 @@ def _unet_feeds(x_in: np.ndarray, t: float, context: np.ndarray) -> dict[str, np
     return {"sample": x_in, "timestep": timestep, "encoder_hidden_states": context}
 
 
+def _unchanging(array: np.ndarray) -> np.ndarray:
+    """A read-only view of a feed that is the same every step: engines may keep its device copy from step to step
+    (a read-only array cannot change in place; sdrt.backends.torch.DeviceInputs)."""
+    view = array.view()
+    view.flags.writeable = False
+    return view
+
+
 class Pipeline:
     """A loaded bundle on one backend; `denoise` yields steps, `generate` returns finished images."""
 
@@ -149,9 +157,9 @@ class Pipeline:
     def _model(self, guidance: ClassifierFreeGuidance, start: Start, rescale: float):
         """The denoiser D(x, sigma, t) the samplers call: scale input, append the start's extra channels (after the
         scaling, as diffusers' inpaint pipeline does), guided UNet, prediction -> denoised."""
-        context = guidance.context()
+        context = _unchanging(guidance.context())
         channels = guidance.batch(start.unet_channels().astype(np.float32))
-        extra = {name: guidance.batch(value) for name, value in start.feeds.items()}
+        extra = {name: _unchanging(guidance.batch(value)) for name, value in start.feeds.items()}
 
         def feeds(x: np.ndarray, sigma: float, t: float) -> dict[str, np.ndarray]:
             x_in = np.concatenate([guidance.batch((x * c_in(sigma)).astype(np.float32)), channels], axis=1)
