@@ -112,9 +112,11 @@ def sdrt_pipe(tiny_sd1_bundle):
         yield pipe
 
 
-# Compiler settings of the torch backend's tests (sdrt.backends.torch: AOTInductor on the CPU), chosen for compile
-# time: one compile process (no worker pool to start on a small machine), and the CPU's vector instruction set taken
-# from /proc/cpuinfo instead of compiling probe programs for each (tests/test_torch_backend.py has the figures).
+# Compiler settings of the torch backend's tests (sdrt.backends.torch: AOTInductor on the CPU). Measured on the shipped
+# model's three components from a cold inductor cache, 2-core shared machine: one compile process or inductor's
+# default pool, 53-61 s either way (one process starts no workers); `cpp.vec_isa_ok` takes the vector instruction
+# set from /proc/cpuinfo instead of compiling a probe program per instruction set (3-15 s once per inductor cache).
+# `cpp.simdlen: 0` (scalar kernels) cut the UNet's compile by a fifth to a third, but is not the code users run.
 TORCH_TEST_COMPILE = {"compile_threads": 1, "cpp.vec_isa_ok": True}
 
 

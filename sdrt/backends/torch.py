@@ -40,6 +40,9 @@ from sdrt.errors import BackendError
 
 log = logging.getLogger(__name__)
 
+# The torch the backend is tested with: ExportedProgram.module(check_guards=...), AOTInductor's package API and
+# constant update as 2.13 has them (pyproject's `torch` extra).
+MIN_TORCH = "2.13"
 PRECISIONS = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 # What "auto" computes in: fp16 on CUDA (what SD is run in there), fp32 on CPUs (fp16 kernels are slow there).
 AUTO_PRECISION = {"cuda": "f16", "cpu": "f32"}
@@ -248,7 +251,13 @@ class TorchSession:
         graph = self._graphs.get(self._current)
         if graph is None:  # captured on first use of a shape (whatever its inputs: they are copied in each call)
             inputs = [self._inputs.tensor(name, feeds[name]) for name in self.contract.input_names]
-            graph = self._graphs[self._current] = CudaGraph(self._models[self._current], inputs)
+            try:
+                graph = self._graphs[self._current] = CudaGraph(self._models[self._current], inputs)
+            except RuntimeError as e:  # a kernel that cannot be captured: slower, not wrong
+                log.warning("torch: %s cannot run as a CUDA graph (%s); running it call by call",
+                            self.contract.component, e)
+                self._graphed = False
+                return self._plain_run(feeds)
             self._inputs.clear()  # what was kept lives outside the graph's buffers
         for name, buffer in zip(self.contract.input_names, graph.inputs):
             self._inputs.tensor(name, feeds[name], into=buffer)
@@ -301,6 +310,8 @@ class TorchBackend:
     def __init__(self, device: str | None = None, precision: str = "auto", cuda_graphs: tuple[str, ...] = ("unet",),
                  cache: bool = True, cache_dir: Path | str | None = None, compile: bool = True,
                  inductor_options: Mapping | None = None, threads: int = 0):
+        if torch.__version__ < MIN_TORCH:  # a TorchVersion: compares as a version, not as text
+            raise BackendError(f"the torch backend needs torch >= {MIN_TORCH}, got {torch.__version__}")
         self.device = _device(device)
         if precision != "auto" and precision not in PRECISIONS:
             raise BackendError(f"torch: unknown precision {precision!r}; choose one of: auto, {', '.join(PRECISIONS)}")

@@ -65,9 +65,10 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
 def _add_engine_options(p) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--backend", help="engine (default: the first installed that runs the bundle)")
-    g.add_argument("--device", help="engine device, e.g. cpu (default) or cuda")
-    g.add_argument("--precision", choices=["auto", "bf16", "f32"], help="openvino: compute precision (default auto: "
-                   "the device's own, bf16 on CPUs with AVX512-BF16 or AMX)")
+    g.add_argument("--device", help="engine device, e.g. cpu (default) or cuda (torch: cuda when it sees a GPU)")
+    g.add_argument("--precision", choices=["auto", "bf16", "f16", "f32"], help="openvino, torch: compute precision "
+                   "(default auto: openvino the device's own, bf16 on CPUs with AVX512-BF16 or AMX; torch f16 on "
+                   "CUDA, f32 on CPU)")
     g.add_argument("--hint", choices=["latency", "throughput"], help="openvino: performance hint (default latency)")
     g.add_argument("--threads", type=int, metavar="N", help="CPU threads for the engine (default: one per core)")
     g.add_argument("--no-cache", dest="cache", action="store_false", default=None,

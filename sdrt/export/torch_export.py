@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from sdrt.backends.torch import MIN_TORCH
 from sdrt.bundle import Component, Manifest, ShapeRange
 from sdrt.contracts import BATCH, HEIGHT, LATENT_HEIGHT, LATENT_WIDTH, SEQUENCE, WIDTH
 from sdrt.errors import ExportError
@@ -28,21 +29,13 @@ PROGRAM = "model.pt2"
 UNBOUNDED_BATCH = frozenset({"text_encoder"})
 
 
-def export_torch_bundle(
-    source: Path | str,
-    out: Path | str,
-    *,
-    original_config: Path | str | None = None,
-    prediction_type: str | None = None,
-    overwrite: bool = False,
-    taesd: Path | str | None = None,
-    safety_checker: bool = True,
-) -> Manifest:
-    """Export a diffusers folder or single file to a bundle of validated torch.export programs at `out` (the
-    source options are those of sdrt.export.exporter.export_bundle)."""
-    return build_bundle(source, out, export_program, original_config=original_config,
-                        prediction_type=prediction_type, overwrite=overwrite, taesd=taesd,
-                        safety_checker=safety_checker)
+def export_torch_bundle(source: Path | str, out: Path | str, **options) -> Manifest:
+    """Export a diffusers folder or single file to a bundle of validated torch.export programs at `out`; `options`
+    are build_bundle's (overwrite, and how the source is read: original_config, prediction_type, taesd,
+    safety_checker)."""
+    if torch.__version__ < MIN_TORCH:  # a TorchVersion: compares as a version, not as text
+        raise ExportError(f"--target torch needs torch >= {MIN_TORCH} (as the torch backend), got {torch.__version__}")
+    return build_bundle(source, out, export_program, **options)
 
 
 def export_program(spec: ComponentSpec, root: Path, vae_scale_factor: int) -> Component:
