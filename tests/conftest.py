@@ -144,3 +144,29 @@ def tiny_loras(tiny_sd1_dir, tmp_path_factory) -> dict:
         "text_only": save(text_only, out / "text-only.safetensors"),
         "peft": save(peft, out / "peft.safetensors", metadata),
     }
+
+
+# Compiler settings of the torch backend's tests (sdrt.backends.torch: AOTInductor on the CPU). Measured on the shipped
+# model's three components from a cold inductor cache, 2-core shared machine: one compile process or inductor's
+# default pool, 53-61 s either way (one process starts no workers); `cpp.vec_isa_ok` takes the vector instruction
+# set from /proc/cpuinfo instead of compiling a probe program per instruction set (3-15 s once per inductor cache).
+# `cpp.simdlen: 0` (scalar kernels) cut the UNet's compile by a fifth to a third, but is not the code users run.
+TORCH_TEST_COMPILE = {"compile_threads": 1, "cpp.vec_isa_ok": True}
+
+
+@pytest.fixture(scope="session")
+def torch_options(tmp_path_factory):
+    """TorchBackend options every torch test shares: one package cache for the session and TORCH_TEST_COMPILE."""
+    pytest.importorskip("torch")
+    return {"device": "cpu", "cache_dir": tmp_path_factory.mktemp("torch-packages"),
+            "inductor_options": TORCH_TEST_COMPILE}
+
+
+@pytest.fixture(scope="session")
+def tiny_torch_bundle(tiny_sd1_dir, tmp_path_factory):
+    """`tiny_sd1_dir` exported by `sdrt export --target torch` (exported once; tests must not modify it)."""
+    from sdrt.cli import main
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-sd1-torch"
+    assert main(["export", str(tiny_sd1_dir), "-o", str(out), "--target", "torch"]) == 0
+    return out

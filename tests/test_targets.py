@@ -38,7 +38,7 @@ def test_an_option_the_target_does_not_read_is_refused_by_flag():
 
 
 def test_unknown_and_unconvertible_targets():
-    with pytest.raises(ExportError, match="unknown target 'nope'; choose one of: onnx, openvino"):
+    with pytest.raises(ExportError, match="unknown target 'nope'; choose one of: onnx, openvino, torch"):
         get_target("nope")
     with pytest.raises(ExportError, match="choose one of: openvino"):
         get_target("onnx", convertible=True)

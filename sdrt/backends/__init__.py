@@ -27,6 +27,7 @@ _REGISTRY: dict[str, Entry] = {
     # TensorRT for RTX, or TensorRT 10/11 where a user has it (sdrt.backends.tensorrt_build.load_tensorrt).
     "tensorrt": Entry("sdrt.backends.tensorrt", "TensorRtBackend", "tensorrt-rtx", ("onnx",),
                       ("tensorrt_rtx", "tensorrt")),
+    "torch": Entry("sdrt.backends.torch", "TorchBackend", "torch", ("torch",)),
 }
 
 __all__ = ["Backend", "Session", "WeightDeltas", "available_backends", "get_backend", "backend_names"]

@@ -77,10 +77,10 @@ def _positive(text: str) -> int:
 def _add_engine_options(p) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--backend", help="engine (default: the first installed that runs the bundle)")
-    g.add_argument("--device", help="engine device, e.g. cpu (default) or cuda")
-    g.add_argument("--precision", choices=["auto", "bf16", "f16", "f32"], help="openvino: compute precision "
-                   "(default auto: the device's own, bf16 on CPUs with AVX512-BF16 or AMX); tensorrt, onnxruntime: "
-                   "f16 runs the bundle's fp16 variants (auto: on GPUs), f32 its fp32 graphs")
+    g.add_argument("--device", help="engine device, e.g. cpu (default) or cuda (torch: cuda when it sees a GPU)")
+    g.add_argument("--precision", choices=["auto", "bf16", "f16", "f32"], help="compute precision. openvino: "
+                   "default auto, the device's own (bf16 on CPUs with AVX512-BF16 or AMX); torch: f16 on CUDA, f32 on "
+                   "CPU; tensorrt, onnxruntime: f16 runs the bundle's fp16 variants (auto: on GPUs), f32 its fp32 graphs")
     g.add_argument("--shapes", choices=["static", "dynamic"], help="tensorrt: engines for each request's exact "
                    "shapes (default, fastest) or one engine for 256-1024 px, 1-8 images, prompts up to 4 chunks")
     g.add_argument("--hint", choices=["latency", "throughput"], help="openvino: performance hint (default latency)")

@@ -5,6 +5,7 @@ import logging
 import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -50,10 +51,31 @@ def export_bundle(
     `feature_extractor/` preprocessing) when it has one; False leaves it out. `weights_storage` "fp16" halves the
     files: large weights rounded to and stored as fp16, computed in fp32 (sdrt.export.fp16_storage).
     """
-    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
-        raise ExportError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
     if weights_storage not in WEIGHTS_STORAGE:
         raise ExportError(f"weights_storage must be one of {WEIGHTS_STORAGE}, got {weights_storage!r}")
+
+    def export(spec: ComponentSpec, root: Path, vae_scale_factor: int) -> Component:
+        return export_component(spec, root, opset, vae_scale_factor, weights_storage)
+
+    return build_bundle(source, out, export, original_config=original_config, prediction_type=prediction_type,
+                        overwrite=overwrite, taesd=taesd, safety_checker=safety_checker)
+
+
+def build_bundle(
+    source: Path | str,
+    out: Path | str,
+    export: Callable[[ComponentSpec, Path, int], Component],
+    *,
+    original_config: Path | str | None = None,
+    prediction_type: str | None = None,
+    overwrite: bool = False,
+    taesd: Path | str | None = None,
+    safety_checker: bool = True,
+) -> Manifest:
+    """Load a checkpoint, `export(spec, bundle folder, vae_scale_factor)` each of its components in the engine
+    format of the caller (ONNX, torch.export...), write the tokenizer and commit the bundle at `out`."""
+    if prediction_type is not None and prediction_type not in PREDICTION_TYPES:
+        raise ExportError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
     with BundleWriter(out, overwrite=overwrite) as writer:  # checks `out` before the slow load
         model = load_source(source, original_config, prediction_type)
         info = model_info(model, prediction_type)
@@ -66,9 +88,7 @@ def export_bundle(
         safety = load_safety_checker(source) if safety_checker else None  # (module, preprocessing) or None
         if safety is not None:
             specs.append(safety_spec(*safety))
-        components = {}
-        for spec in specs:
-            components[spec.name] = export_component(spec, writer.path, opset, info.vae_scale_factor, weights_storage)
+        components = {spec.name: export(spec, writer.path, info.vae_scale_factor) for spec in specs}
         tokenizer = write_tokenizer(model, writer.path, components["text_encoder"])
         scheduler = {**model.scheduler, "prediction_type": info.prediction_type}
         manifest = Manifest(

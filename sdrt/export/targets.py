@@ -101,6 +101,9 @@ TARGETS: dict[str, Target] = {
                 PSNR_GATE,
             ),
         ),
+        Target("torch", "torch.export programs (.pt2), validated against torch: compiled with AOTInductor on the "
+               "user's device by the torch backend", "sdrt.export.torch_export:export_torch_bundle", "export",
+               from_checkpoint=True),
     )
 }
 

@@ -184,7 +184,7 @@ class Pipeline:
         scaling, as diffusers' inpaint pipeline does), guided UNet, prediction -> denoised."""
         context = frozen(guidance.context())  # the same for every step: a GPU engine uploads it once
         channels = guidance.batch(start.unet_channels().astype(np.float32))
-        extra = {name: guidance.batch(value) for name, value in start.feeds.items()}
+        extra = {name: frozen(guidance.batch(value)) for name, value in start.feeds.items()}
 
         def feeds(x: np.ndarray, sigma: float, t: float) -> dict[str, np.ndarray]:
             x_in = np.concatenate([guidance.batch((x * c_in(sigma)).astype(np.float32)), channels], axis=1)
