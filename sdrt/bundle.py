@@ -38,12 +38,17 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class ShapeRange:
-    """Image sizes the exported graphs accept: multiples of `multiple_of` in [min_size, max_size]."""
+    """Image sizes the exported graphs accept: multiples of `multiple_of` in [min_size, max_size], and when `sizes`
+    lists (width, height) pairs, only those (engines that compile static shapes, such as Core ML)."""
 
     min_size: int = 64
     max_size: int = 2048
     multiple_of: int = 8
     max_batch: int = 16
+    sizes: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self):  # JSON brings the pairs back as lists
+        object.__setattr__(self, "sizes", tuple((int(w), int(h)) for w, h in self.sizes))
 
 
 @dataclass(frozen=True)
@@ -72,15 +77,20 @@ class Component:
     # How the file stores its large weights: "fp32", or "fp16" cast back to fp32 by the graph (sdrt.export.
     # fp16_storage). `precision` is what the graph computes in; written only when not "fp32", as old bundles lack it.
     weights_storage: str = "fp32"
+    # The axis sizes a static-shape file was built for (one dict of contract axis -> size per shape), for engines
+    # that cannot reshape it (Core ML); empty: any size the contract allows. Written only when not empty.
+    shapes: tuple[dict[str, int], ...] = ()
 
     def to_dict(self) -> dict:
         storage = {"weights_storage": self.weights_storage} if self.weights_storage != "fp32" else {}
+        shapes = {"shapes": [dict(s) for s in self.shapes]} if self.shapes else {}
         d = {
             "file": self.file,
             "format": self.format,
             "precision": self.precision,
             **storage,
             "contract": self.contract.to_dict(),
+            **shapes,
             "validation": self.validation,
         }
         return {**d, "preprocess": self.preprocess} if self.preprocess else d
@@ -96,6 +106,7 @@ class Component:
             d.get("validation", {}),
             d.get("preprocess", {}),
             d.get("weights_storage", "fp32"),
+            tuple(d.get("shapes", ())),
         )
 
 
@@ -188,8 +199,7 @@ def verify_files(bundle: Path | str, manifest: Manifest, *, remembered: bool = T
 
     root = Path(bundle)
     for comp in manifest.components.values():
-        if comp.file not in manifest.files:
-            raise BundleError(f"component {comp.name}'s file {comp.file} has no checksum in the manifest")
+        _check_listed(root, comp, manifest.files)
     verified = VerifiedFiles() if remembered else None
     for rel, digest in manifest.files.items():
         path = root / rel
@@ -203,6 +213,22 @@ def verify_files(bundle: Path | str, manifest: Manifest, *, remembered: bool = T
             verified.record(path, digest)
     if verified:
         verified.save()
+
+
+def _check_listed(root: Path, comp: Component, files: dict[str, str]) -> None:
+    """A component's file has a checksum; a component stored as a folder (a Core ML .mlpackage) has one for every
+    file inside and no file besides them, since the engine reads whatever the folder holds."""
+    folder = root / comp.file
+    if comp.file in files and not folder.is_dir():
+        return
+    listed = {rel for rel in files if rel.startswith(f"{comp.file}/")}
+    if not listed:
+        raise BundleError(f"component {comp.name}'s file {comp.file} has no checksum in the manifest")
+    present = {p.relative_to(root).as_posix() for p in folder.rglob("*") if p.is_file()} if folder.is_dir() else set()
+    extra = sorted(present - listed)
+    if extra:
+        raise BundleError(f"component {comp.name}'s folder {comp.file} holds files the manifest does not list: "
+                          f"{', '.join(extra[:3])}")
 
 
 class BundleWriter:

@@ -44,6 +44,9 @@ def _add_generate(sub) -> None:
     p.add_argument("--precision", choices=["auto", "bf16", "f32"], help="openvino: compute precision (default auto: "
                    "the device's own, bf16 on CPUs with AVX512-BF16 or AMX)")
     p.add_argument("--hint", choices=["latency", "throughput"], help="openvino: performance hint (default latency)")
+    p.add_argument("--compute-units", choices=["cpu_and_ne", "cpu_and_gpu", "all", "cpu_only"], help="coreml: where "
+                   "Core ML runs the models (default cpu_and_ne: the Neural Engine; cpu_and_gpu for original-attention "
+                   "bundles on Max and Ultra Macs)")
     p.add_argument("--fast-decode", action="store_true", help="decode with the bundle's tiny decoder (TAESD)")
     p.add_argument("--preview-every", type=int, metavar="N", help="write OUTPUT.preview.png every N steps (TAESD "
                    "when the bundle has it, else a latent-to-RGB map at 1/8 size)")
@@ -93,7 +96,8 @@ def _add_export(sub) -> None:
     p.add_argument("--original-config", type=Path, help="LDM yaml for a single file (default: SD v1 inference)")
     p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], help="override the detected one")
     p.add_argument("--opset", type=int, default=17)
-    p.add_argument("--target", choices=["onnx", "openvino"], default="onnx", help="component format (default onnx)")
+    p.add_argument("--target", choices=["onnx", "openvino", "coreml"], default="onnx",
+                   help="component format (default onnx); coreml converts from torch for Apple Silicon Macs")
     p.add_argument("--taesd", type=Path, help="AutoencoderTiny folder to add as the tiny decoder (default: the "
                    "source's taesd/ subfolder when it has one)")
     p.add_argument("--no-safety-checker", action="store_true", help="leave out the source's safety_checker/ "
@@ -103,7 +107,29 @@ def _add_export(sub) -> None:
                    "compute, inputs and outputs stay fp32; validated against torch with the same rounding). "
                    "Default fp32")
     _add_conversion_options(p)
+    _add_coreml_options(p)
     p.set_defaults(run=_export)
+
+
+def _add_coreml_options(p) -> None:
+    # Names as sdrt.export.coreml defines them, spelled out here so parsing a command imports no torch.
+    g = p.add_argument_group("Core ML (--target coreml)")
+    g.add_argument("--attention", choices=["split_einsum", "original"], help="split_einsum (default): the Neural "
+                   "Engine's form, runs on every compute unit; original: fastest on the GPUs of Max and Ultra Macs")
+    g.add_argument("--sizes", type=_sizes, default=(), metavar="WxH,...", help="image sizes to build besides the "
+                   "model's own, e.g. 512x768,768x512 (N for NxN); a Core ML bundle runs only the sizes it was built for")
+    g.add_argument("--compress", choices=["palette6", "int8"], help="compress the text encoder's and UNet's weights: "
+                   "palette6 (6-bit k-means palettes, needs scikit-learn) or int8 (linear); refused below 30 dB image "
+                   "PSNR against fp16 weights")
+
+
+def _sizes(text: str) -> tuple[tuple[int, int], ...]:
+    """"512x768,640" -> ((512, 768), (640, 640))."""
+    try:
+        pairs = [item.lower().split("x") for item in text.split(",") if item.strip()]
+        return tuple((int(p[0]), int(p[-1])) for p in pairs if len(p) in (1, 2))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes such as 512x768,640, got {text!r}") from None
 
 
 def _add_convert(sub) -> None:
@@ -159,7 +185,7 @@ def _generate(args) -> int:
     for path in paths:
         check_writable(path)
     init_image, mask = _open_image(args.init_image, "init image"), _open_image(args.mask, "mask")
-    given = {"device": args.device, "precision": args.precision, "hint": args.hint}
+    given = {"device": args.device, "precision": args.precision, "hint": args.hint, "compute_units": args.compute_units}
     options = {k: v for k, v in given.items() if v is not None}
     with Pipeline.load(args.bundle, backend=args.backend, **options) as pipe:
         req = GenerationRequest(
@@ -190,8 +216,13 @@ def _export(args) -> int:
         from sdrt.export import export_bundle
     except ImportError as e:
         raise SdrtError(f"export needs the export extra ({e.name} is missing): pip install 'sdrt[export]'") from None
-    if args.target == "onnx" and (args.weights != "fp32" or args.quantize_unet or args.psnr_gate is not None):
-        raise SdrtError("--weights, --quantize-unet and --psnr-gate apply to --target openvino; ONNX bundles are fp32")
+    if args.target != "openvino" and (args.weights != "fp32" or args.quantize_unet or args.psnr_gate is not None):
+        raise SdrtError("--weights, --quantize-unet and --psnr-gate apply to --target openvino")
+    if args.target != "coreml" and (args.attention or args.sizes or args.compress):
+        raise SdrtError("--attention, --sizes and --compress apply to --target coreml")
+    if args.target == "coreml":
+        _print_bundle(args.output, _export_coreml(args))
+        return 0
     options = dict(original_config=args.original_config, prediction_type=args.prediction_type, opset=args.opset,
                    taesd=args.taesd, safety_checker=not args.no_safety_checker, weights_storage=args.weights_storage)
     if args.target == "onnx":
@@ -200,6 +231,18 @@ def _export(args) -> int:
         manifest = _export_via_onnx(args, options)
     _print_bundle(args.output, manifest)
     return 0
+
+
+def _export_coreml(args):
+    try:
+        from sdrt.export.coreml import DEFAULT_ATTENTION, export_coreml
+    except ImportError as e:
+        raise SdrtError(f"Core ML export needs {e.name}: pip install 'sdrt[export,coreml-export]'") from None
+    return export_coreml(
+        args.source, args.output, attention=args.attention or DEFAULT_ATTENTION, sizes=args.sizes,
+        compression=args.compress, overwrite=args.overwrite, safety_checker=not args.no_safety_checker,
+        original_config=args.original_config, prediction_type=args.prediction_type,
+    )
 
 
 def _export_via_onnx(args, options: dict):
@@ -238,16 +281,28 @@ def _convert_bundle(src: Path, args):
 def _print_bundle(output: Path, manifest) -> None:
     print(f"{output}: {len(manifest.components)} components, {len(manifest.files)} files")
     for comp in manifest.components.values():
-        v = comp.validation
-        print(f"  {comp.name}: {comp.format} {comp.precision}{_storage_text(comp)}, export max abs error "
-              f"{v.get('max_abs_error', float('nan')):.2e} (tolerance {v.get('tolerance')})")
+        print(f"  {comp.name}: {comp.format} {comp.precision}{_storage_text(comp)}, {_check_text(comp.validation)}")
     if "validation" in manifest.source:
         print(f"  image: {_psnr_text(manifest.source['validation'])}")
+    if "compression" in manifest.source:
+        print(f"  compressed weights: {_psnr_text(manifest.source['compression'], 'uncompressed weights')}")
 
 
-def _psnr_text(v: dict) -> str:
+def _check_text(v: dict) -> str:
+    """How an export was checked: ONNX's max abs error against torch, or Core ML's PSNR checks."""
+    if v.get("max_abs_error") is not None:
+        return f"max abs error {v['max_abs_error']:.2e} <= {v.get('tolerance')}"
+    if "form_psnr_db" in v:
+        form = "identical" if v["form_psnr_db"] is None else f"PSNR {v['form_psnr_db']:.1f} dB"
+        predicted = v.get("prediction")
+        predicted = predicted if isinstance(predicted, str) else f"PSNR {predicted.get('psnr_db')} dB"
+        return f"torch form {form} (minimum {v.get('min_psnr_db')}); Core ML prediction: {predicted}"
+    return "not validated"
+
+
+def _psnr_text(v: dict, reference: str | None = None) -> str:
     measured = "identical" if v.get("psnr_db") is None else f"PSNR {v['psnr_db']:.2f} dB"
-    return f"{measured} against the {v.get('reference', '?')} (minimum {v.get('min_psnr_db')} dB)"
+    return f"{measured} against the {reference or v.get('reference', '?')} (minimum {v.get('min_psnr_db')} dB)"
 
 
 def _storage_text(component) -> str:
@@ -270,6 +325,12 @@ def _info(args) -> int:
     return 0
 
 
+def _sizes_text(s) -> str:
+    if s.sizes:
+        return f"exactly {', '.join(f'{w}x{h}' for w, h in s.sizes)} (built for these only)"
+    return f"multiples of {s.multiple_of} from {s.min_size} to {s.max_size}"
+
+
 def describe(root: Path, manifest) -> str:
     """The manifest in human form."""
     m, s = manifest.model, manifest.shapes
@@ -278,7 +339,7 @@ def describe(root: Path, manifest) -> str:
         f"bundle     {root} (format {manifest.format_version}, {size / 2**20:.1f} MiB)",
         f"model      {m.name or '?'}: family {m.family}, prediction {m.prediction_type}, "
         f"latent scale {m.latent_scale_factor}, default {m.default_size}x{m.default_size}",
-        f"sizes      multiples of {s.multiple_of} from {s.min_size} to {s.max_size}, batch up to {s.max_batch}",
+        f"sizes      {_sizes_text(s)}, batch up to {s.max_batch}",
         f"scheduler  {manifest.scheduler.get('_class_name', '?')}",
         f"tokenizer  max {manifest.tokenizer.max_length} tokens, pad {manifest.tokenizer.pad_token!r}",
         f"source     {manifest.source.get('kind', '?')} {manifest.source.get('path', '')} "
@@ -290,10 +351,12 @@ def describe(root: Path, manifest) -> str:
         origin, check = manifest.source["converted_from"], manifest.source.get("validation", {})
         lines.insert(-2, f"converted  from {origin.get('format')} bundle {origin.get('manifest_sha256', '?')[:10]}: "
                          f"{_psnr_text(check)}")
+    if "compression" in manifest.source:
+        lines.insert(-1, f"compressed {manifest.source['compression'].get('mode')} weights: "
+                         f"{_psnr_text(manifest.source['compression'], 'uncompressed weights')}")
     for c in manifest.components.values():
-        err = c.validation.get("max_abs_error")
-        check = f"max abs error {err:.2e} <= {c.validation.get('tolerance')}" if err is not None else "not validated"
-        lines.append(f"  {c.name:<13} {c.file} ({c.format}, {c.precision}{_storage_text(c)}; {check})")
+        lines.append(f"  {c.name:<13} {c.file} ({c.format}, {c.precision}{_storage_text(c)}; "
+                     f"{_check_text(c.validation)})")
         for kind, specs in (("in ", c.contract.inputs), ("out", c.contract.outputs)):
             for t in specs:
                 lines.append(f"      {kind} {t.name}: {t.dtype} {list(t.shape)}")
@@ -306,6 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO if args.command == "export" else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("coremltools").setLevel(logging.WARNING)  # it logs every converted op at INFO
     try:
         return args.run(args)
     except SdrtError as e:

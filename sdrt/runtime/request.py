@@ -89,6 +89,7 @@ class GenerationRequest:
             raise RequestError("prompt and negative prompt must be strings")
         _check_size(manifest, "width", self.width)
         _check_size(manifest, "height", self.height)
+        _check_exported_size(manifest, self.width, self.height)
         if not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
             raise RequestError(f"steps must be an integer from 1 to {MAX_STEPS}, got {self.steps!r}")
         if not isinstance(self.guidance_scale, (int, float)) or not math.isfinite(self.guidance_scale) \
@@ -151,6 +152,15 @@ def _check_size(manifest: Manifest, what: str, value: object) -> None:
         raise RequestError(
             f"{what} must be a multiple of {s.multiple_of} from {s.min_size} to {s.max_size}, got {value!r}"
         )
+
+
+def _check_exported_size(manifest: Manifest, width: int, height: int) -> None:
+    """Bundles compiled for fixed sizes (Core ML) run only those."""
+    sizes = manifest.shapes.sizes
+    if sizes and (width, height) not in sizes:
+        listed = ", ".join(f"{w}x{h}" for w, h in sizes)
+        raise RequestError(f"size: expected one of the sizes this bundle was exported for ({listed}), got "
+                           f"{width}x{height}; export others with sdrt export --sizes")
 
 
 def scheduler_settings(manifest: Manifest, kind: str) -> SchedulerConfig:
