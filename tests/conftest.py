@@ -1,6 +1,8 @@
 """Shared fixtures: one tiny random SD1 diffusers folder and its exported bundle, built once per test session."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 
@@ -110,3 +112,30 @@ def sdrt_pipe(tiny_sd1_bundle):
 
     with Pipeline.load(tiny_sd1_bundle, backend="onnxruntime") as pipe:
         yield pipe
+
+
+# The shipped model's diffusers folder (the source sdrt/models/sdrt-shapes was exported from).
+SHIPPED_SOURCE = Path(__file__).resolve().parent.parent / "models" / "sdrt-shapes"
+
+
+@pytest.fixture(scope="session")
+def coreml_shapes_bundle(tmp_path_factory):
+    """The shipped model's source as a Core ML bundle: split_einsum attention, 64x64 and 96x64, 6-bit palettes."""
+    pytest.importorskip("coremltools")
+    from sdrt.export.coreml import export_coreml
+
+    out = tmp_path_factory.mktemp("bundles") / "shapes-coreml"
+    export_coreml(SHIPPED_SOURCE, out, sizes=((96, 64),), compression="palette6")
+    return out
+
+
+@pytest.fixture(scope="session")
+def coreml_tiny_bundle(tiny_sd1_safety_dir, tmp_path_factory):
+    """The tiny SD1 folder with its safety checker as a Core ML bundle: original attention, int8 weights (slow tier:
+    the default tier converts its cheap components one by one)."""
+    pytest.importorskip("coremltools")
+    from sdrt.export.coreml import export_coreml
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-coreml"
+    export_coreml(tiny_sd1_safety_dir, out, attention="original", compression="int8")
+    return out

@@ -10,13 +10,11 @@ contract, and on macOS the package's predictions against torch.
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 from dataclasses import dataclass, replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -24,12 +22,12 @@ from sdrt.bundle import BundleWriter, Component, Manifest, ShapeRange
 from sdrt.errors import ExportError
 from sdrt.export import wrappers
 from sdrt.export.components import ComponentSpec, axis_sizes, component_specs, sample_inputs
-from sdrt.export.coreml_compress import COMPRESSED_COMPONENTS, COMPRESSIONS, compress, compressed_weights, \
-    image_psnr, package_bytes
+from sdrt.export.coreml_compress import COMPRESSED_COMPONENTS, COMPRESSIONS, by_parameter, compressed_weights, \
+    compression_pipeline, compression_record, image_psnr, with_weights
 from sdrt.export.coreml_package import check_package, check_prediction, compute_precision, coreml_inputs, \
     coreml_outputs
 from sdrt.export.coreml_rewrites import ATTENTIONS, SPLIT_EINSUM, rewrite_unet, rewrite_vae
-from sdrt.export.coreml_validation import MIN_PSNR_DB, VALIDATION_SEED, check_outputs, check_rewrites
+from sdrt.export.coreml_validation import MIN_PSNR_DB, VALIDATION_SEED, check_outputs, check_rewrites, torch_outputs
 from sdrt.export.exporter import model_info, tool_versions, write_tokenizer
 from sdrt.export.openvino import GATE_REQUEST
 from sdrt.export.safety import load_safety_checker, safety_spec
@@ -172,11 +170,12 @@ def static_dims(spec: ComponentSpec, sizes, vae_scale_factor: int, sequence: int
 
 def convert_component(job: Conversion, root: Path, vae_scale_factor: int, attention: str, mode: str | None
                       ) -> tuple[Component, dict]:
-    """Validate the Core ML form in torch, convert, check and save `root/<name>/model.mlpackage` (compressed by
-    `mode`); returns the manifest entry and the compressed weights by torch name (for the image measurement)."""
+    """Validate the Core ML form in torch, convert (compressing by `mode`), check and save
+    `root/<name>/model.mlpackage`; returns the manifest entry and the decompressed weights by torch parameter name
+    (for the image measurement)."""
     start = time.perf_counter()
     inputs = [sample_inputs(job.spec, dims, torch.Generator().manual_seed(VALIDATION_SEED)) for dims in job.dims]
-    expected = [_call(job.spec.module, args) for args in inputs]
+    expected = torch_outputs(job.spec.module, inputs)
     rewrites = check_rewrites(*job.rewrite, lambda: job.spec.module(*inputs[0])) if job.rewrite else {}
     traced, form_psnr = trace(job, inputs, expected)
     validation = {
@@ -184,16 +183,18 @@ def convert_component(job: Conversion, root: Path, vae_scale_factor: int, attent
         "rewrite": rewrites, "form_psnr_db": form_psnr, "min_psnr_db": MIN_PSNR_DB,
         "shapes_checked": [{n: list(a.shape) for n, a in zip(job.spec.contract.input_names, args)} for args in inputs],
     }
-    mlmodel = convert(job, traced)
     rel = f"{job.name}/{PACKAGE}"
     (root / job.name).mkdir(parents=True, exist_ok=True)
-    mlmodel.save(str(root / rel))
+    convert(job, traced, mode).save(str(root / rel))
     validation["package"] = check_package(root / rel, job.spec.contract, job.dims)
-    validation["prediction"] = check_prediction(root / rel, job.spec.contract, inputs, expected, job.name)
     weights = {}
-    if mode:  # after the checks against torch: compression's own cost is measured on the image (coreml_compress)
-        validation["compression"], weights = _compress(job, mlmodel, root / rel, mode)
-        check_package(root / rel, job.spec.contract, job.dims)
+    if mode:
+        stored = compressed_weights(root / rel)
+        weights = by_parameter(stored, job.module)
+        validation["compression"] = compression_record(mode, root / rel, stored)
+    # On macOS the package runs against torch with the very weights it holds (compression is measured on the image).
+    reference = (lambda: torch_outputs(with_weights(job.module, weights), inputs)) if weights else (lambda: expected)
+    validation["prediction"] = check_prediction(root / rel, job.spec.contract, inputs, reference, job.name)
     log.info("%s: converted to Core ML in %.1f s (%s)", job.name, time.perf_counter() - start,
              ", ".join(f"{k} {v}" for k, v in validation["rewrite"].items()) or "no rewritten modules")
     component = Component(
@@ -217,14 +218,14 @@ def trace(job: Conversion, inputs: list, expected: list) -> tuple[torch.jit.Scri
     torch._C._jit_pass_peephole(traced.graph, True)
     try:
         with torch.jit.optimized_execution(False):  # run once per shape: profiling and fusing would be wasted
-            got = [_call(traced, args) for args in inputs]
+            got = torch_outputs(traced, inputs)
     except RuntimeError as e:
         raise ExportError(f"{job.name}: the traced graph fails at another exported shape: {e}") from None
     return traced, check_outputs(job.name, "the traced Core ML form", expected, got)
 
 
-def convert(job: Conversion, traced: torch.jit.ScriptModule):
-    """The ML Program, built and described but not loaded (Core ML loads models on macOS only)."""
+def convert(job: Conversion, traced: torch.jit.ScriptModule, mode: str | None):
+    """The ML Program, compressed by `mode`, built and described but not loaded (Core ML loads on macOS only)."""
     import coremltools as ct
 
     try:
@@ -232,31 +233,14 @@ def convert(job: Conversion, traced: torch.jit.ScriptModule):
             traced, convert_to="mlprogram", minimum_deployment_target=getattr(ct.target, MINIMUM_TARGET),
             inputs=coreml_inputs(job.spec.contract, job.dims), outputs=coreml_outputs(job.spec.contract),
             compute_precision=compute_precision(job.spec.contract), skip_model_load=True,
+            pass_pipeline=compression_pipeline(mode) if mode else None,
         )
     except (ValueError, TypeError, RuntimeError, NotImplementedError) as e:
         raise ExportError(f"{job.name}: coremltools cannot convert it: {e}") from None
 
 
-def _compress(job: Conversion, mlmodel, path: Path, mode: str) -> tuple[dict, dict]:
-    before = package_bytes(path)
-    compressed = compress(mlmodel, mode)
-    weights = compressed_weights(mlmodel, compressed, job.module)
-    shutil.rmtree(path)
-    compressed.save(str(path))
-    after = package_bytes(path)
-    log.info("%s: %s weights, package %.1f MB -> %.1f MB", job.name, mode, before / 1e6, after / 1e6)
-    record = {"mode": mode, "weights": len(weights), "package_bytes": after, "uncompressed_package_bytes": before}
-    return record, weights
-
-
 def _precision(job: Conversion) -> str:
     return "fp32" if job.spec.contract.full_precision else "fp16"
-
-
-def _call(module: nn.Module, args: tuple) -> tuple[np.ndarray, ...]:
-    with torch.no_grad():
-        out = module(*args)
-    return tuple(t.numpy() for t in (out if isinstance(out, tuple) else (out,)))
 
 
 def _tools(compression: str | None) -> dict:

@@ -1,10 +1,11 @@
-"""Core ML weight compression (coremltools.optimize.coreml) and what it costs the image, measured without Core ML.
+"""Core ML weight compression (coremltools.optimize) and what it costs the image, measured without Core ML.
 
-Core ML predicts on macOS only, so the image PSNR of a compressed bundle is measured on torch: the compressed
-package's weights are read back and decompressed (coremltools' `decompress_weights`, the values Core ML computes
-with), mapped to the torch parameters they came from (each checked equal to the uncompressed package's weight), and
-loaded into the rewritten torch modules; the uncompressed package's fp16 weights, loaded the same way, give the
-reference. Both generate the same request through sdrt's pipeline in fp32, so the difference is the compression.
+The compression pass runs inside the conversion, after fp16 casting (as Apple's post-conversion palettization sees
+the weights). Core ML predicts on macOS only, so the image PSNR is measured on torch: the compressed package is read
+back and its weights decompressed (coremltools' own decompression of each constexpr op, the values Core ML computes
+with), mapped to the torch parameters they came from, and loaded into the rewritten torch modules; the parameters
+rounded to fp16, what an uncompressed package holds, give the reference. Both generate the same request through
+sdrt's pipeline in fp32, so the difference is the compression.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from torch import nn
 
 from sdrt.bundle import Manifest
 from sdrt.errors import ExportError
+from sdrt.export.coreml_validation import signal_psnr
 from sdrt.export.torch_backend import TorchBackend
 from sdrt.runtime.image import max_pixel_difference, psnr
 from sdrt.runtime.pipeline import Pipeline
@@ -34,39 +36,39 @@ COMPRESSED_COMPONENTS = ("text_encoder", "unet")
 # Layers whose weights are compressed: convolutions and linear layers. The token embedding table (a gather) stays
 # fp16, as Apple keeps it, and so do constants the converter folded (position embeddings, masks).
 WEIGHT_OPS = ("conv", "linear")
-# Weights of at most this many elements stay fp16 (coremltools' default threshold, stated so the read-back below
-# lists exactly the weights compression may touch).
+# Weights of at most this many elements stay fp16 (coremltools' default threshold, stated for the record).
 WEIGHT_THRESHOLD = 2048
-# Below this image PSNR against the uncompressed bundle the export refuses to write: the int8 gate of sdrt's
-# OpenVINO conversion (sdrt.export.openvino.MIN_PSNR_DB), for the same reason (a visible-but-faithful JPEG's cost).
+# Below this image PSNR against the fp16 weights the export refuses to write: the int8 gate of sdrt's OpenVINO
+# conversion (sdrt.export.openvino.MIN_PSNR_DB), for the same reason (a visible-but-faithful JPEG's cost).
 MIN_PSNR_DB = 30.0
+# A decompressed weight must be this close to the parameter its name maps to (6-bit palettes measure ~40 dB, int8
+# ~50 dB; another tensor of the same shape ~0 dB): guards the name mapping the image measurement relies on.
+WEIGHT_MAP_MIN_DB = 20.0
+SUFFIXES = ("_palettized", "_quantized")  # what coremltools' compression passes append to a weight's name
 FP16_SUFFIX = "_to_fp16"  # what coremltools appends to the name of a weight it casts to fp16
-METHOD = ("torch fp32 with the compressed package's weights, decompressed (coremltools decompress_weights), against "
-          "the uncompressed package's fp16 weights; Core ML itself predicts on macOS only")
+METHOD = ("torch fp32 with the package's compressed weights, decompressed as coremltools does, against the weights "
+          "rounded to fp16 (an uncompressed package's); Core ML itself predicts on macOS only")
 
 
-def compression_config(mode: str):
-    """6-bit k-means palettization (one 64-entry table per weight, Apple's --quantize-nbits 6) or symmetric int8
-    with a scale per output channel (coremltools' defaults for linear_quantize_weights)."""
+def compression_pipeline(mode: str):
+    """coremltools' default pass pipeline followed by 6-bit k-means palettization (one 64-entry table per weight,
+    Apple's --quantize-nbits 6) or symmetric int8 with a scale per output channel (linear_quantize_weights'
+    defaults), on convolution and linear weights."""
+    import coremltools as ct
     import coremltools.optimize.coreml as cto
 
     if mode == PALETTE6:
-        op = cto.OpPalettizerConfig(mode="kmeans", nbits=6, weight_threshold=WEIGHT_THRESHOLD)
+        name, op = "palettize_weights", cto.OpPalettizerConfig(mode="kmeans", nbits=6, weight_threshold=WEIGHT_THRESHOLD)
     elif mode == INT8:
-        op = cto.OpLinearQuantizerConfig(mode="linear_symmetric", dtype="int8", weight_threshold=WEIGHT_THRESHOLD)
+        name, op = "linear_quantize_weights", cto.OpLinearQuantizerConfig(
+            mode="linear_symmetric", dtype="int8", weight_threshold=WEIGHT_THRESHOLD)
     else:
         raise ExportError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {mode!r}")
-    return cto.OptimizationConfig(op_type_configs={name: op for name in WEIGHT_OPS})
-
-
-def compress(mlmodel, mode: str):
-    """The model with its convolution and linear weights compressed by `mode`."""
-    import coremltools.optimize.coreml as cto
-
-    config = compression_config(mode)
-    if mode == PALETTE6:
-        return cto.palettize_weights(mlmodel, config)
-    return cto.linear_quantize_weights(mlmodel, config)
+    pipeline = ct.PassPipeline.DEFAULT
+    pipeline.append_pass(f"compression::{name}")
+    pipeline.set_options(f"compression::{name}", {"config": cto.OptimizationConfig(
+        op_type_configs={op_type: op for op_type in WEIGHT_OPS})})
+    return pipeline
 
 
 def package_bytes(path: Path) -> int:
@@ -74,35 +76,49 @@ def package_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def compressed_weights(uncompressed, compressed, module: nn.Module) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Torch parameter name -> (uncompressed package value, decompressed compressed value) for every weight the
-    compression changed; ExportError when one cannot be traced back to a parameter it equals."""
-    import coremltools.optimize.coreml as cto
+def compressed_weights(path: Path) -> dict[str, tuple[np.ndarray, int]]:
+    """Each compressed weight of a saved package by name: (decompressed fp16 values, bytes stored)."""
+    import coremltools as ct
+    from coremltools.converters.mil.frontend.milproto.load import load
+    from coremltools.models.utils import _convert_model_spec_to_pymil_prog
 
-    dense = _weights(uncompressed)
-    restored = _weights(cto.decompress_weights(compressed))
-    parameters = {name.replace(".", "_"): p for name, p in module.named_parameters()}
+    # No public API reads a package's program without running the converter's pipeline again (decompress_weights
+    # does, at the cost of a conversion); this is the reader get_weights_metadata itself uses.
+    model = ct.models.MLModel(str(path), skip_model_load=True)
+    program = _convert_model_spec_to_pymil_prog(model, model.get_spec().specificationVersion, load)
     out = {}
-    for name in sorted(set(restored) - set(dense)):  # compressed weights are renamed (..._palettized, ..._quantized)
-        base = max((d for d in dense if name.startswith(d)), key=len, default=None)
-        key = base.removesuffix(FP16_SUFFIX) if base else None
-        if key not in parameters:
-            raise ExportError(f"Core ML compression: weight {name} maps to no torch parameter")
-        want = parameters[key].detach().numpy().astype(np.float16)
-        if want.shape != dense[base].shape or not np.array_equal(want, dense[base]):
-            raise ExportError(f"Core ML compression: weight {base} differs from the torch parameter {key}")
-        out[_torch_name(key, module)] = (dense[base], restored[name])
+    for op in program.functions["main"].operations:
+        if op.op_type.startswith("constexpr_"):
+            stored = sum(v.val.nbytes for v in op.inputs.values() if isinstance(getattr(v, "val", None), np.ndarray))
+            out[op.name] = (op.materialized_val_inference(), stored)
     return out
 
 
-def _weights(mlmodel) -> dict[str, np.ndarray]:
-    import coremltools.optimize.coreml as cto
+def by_parameter(weights: dict[str, tuple[np.ndarray, int]], module: nn.Module) -> dict[str, np.ndarray]:
+    """The decompressed weights keyed by the torch parameter each came from; ExportError when one maps to none or
+    to a parameter it is not close to (WEIGHT_MAP_MIN_DB)."""
+    parameters = {name.replace(".", "_"): name for name, _ in module.named_parameters()}
+    out = {}
+    for const, (value, _) in weights.items():
+        key = next((const.removesuffix(s) for s in SUFFIXES if const.endswith(s)), const).removesuffix(FP16_SUFFIX)
+        if key not in parameters:
+            raise ExportError(f"Core ML compression: weight {const} maps to no torch parameter")
+        name = parameters[key]
+        want = module.get_parameter(name).detach().numpy()
+        close = want.shape == value.shape and signal_psnr(want, value) >= WEIGHT_MAP_MIN_DB
+        if not close:
+            raise ExportError(f"Core ML compression: weight {const} is not a compression of the parameter {name}")
+        out[name] = value
+    return out
 
-    return {name: meta.val for name, meta in cto.get_weights_metadata(mlmodel, weight_threshold=WEIGHT_THRESHOLD).items()}
 
-
-def _torch_name(key: str, module: nn.Module) -> str:
-    return next(name for name, _ in module.named_parameters() if name.replace(".", "_") == key)
+def compression_record(mode: str, path: Path, weights: dict[str, tuple[np.ndarray, int]]) -> dict:
+    """Sizes for the manifest: the package, and its compressed weights as stored against their fp16 size."""
+    return {
+        "mode": mode, "weights": len(weights), "package_bytes": package_bytes(path),
+        "weights_stored_bytes": sum(stored for _, stored in weights.values()),
+        "weights_fp16_bytes": sum(2 * value.size for value, _ in weights.values()),
+    }
 
 
 def with_weights(module: nn.Module, weights: dict[str, np.ndarray]) -> nn.Module:
@@ -113,13 +129,20 @@ def with_weights(module: nn.Module, weights: dict[str, np.ndarray]) -> nn.Module
     return module
 
 
+def rounded(module: nn.Module, names) -> dict[str, np.ndarray]:
+    """The named parameters rounded to fp16, as an uncompressed package stores them."""
+    return {name: module.get_parameter(name).detach().numpy().astype(np.float16) for name in names}
+
+
 def image_psnr(root: Path, manifest: Manifest, modules: dict[str, nn.Module], weights: dict[str, dict],
                request: GenerationRequest, gate: float = MIN_PSNR_DB) -> dict:
-    """Generate `request` on torch with each compressed component's uncompressed and decompressed weights (see the
-    module docstring); ExportError below `gate` dB, else the manifest record."""
+    """Generate `request` on torch with each compressed component's parameters rounded to fp16 and with its
+    decompressed weights (`by_parameter` results; see the module docstring); ExportError below `gate` dB, else the
+    manifest record."""
     images = {}
-    for which, column in (("reference", 0), ("compressed", 1)):
-        chosen = {name: with_weights(module, {p: pair[column] for p, pair in weights.get(name, {}).items()})
+    for which in ("reference", "compressed"):
+        chosen = {name: with_weights(module, weights.get(name, {}) if which == "compressed" else
+                                     rounded(module, weights.get(name, {})))
                   for name, module in modules.items()}
         with Pipeline(root, manifest, TorchBackend(chosen)) as pipe:
             images[which] = pipe.generate(request)[0].image

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -120,9 +121,10 @@ def _check_array(component: str, tensor, array, dims, enumerated: bool) -> None:
         raise ExportError(f"{where}: expected the shapes {want}, got {listed}")
 
 
-def check_prediction(path: Path, contract: Contract, inputs: list, expected: list, name: str) -> dict | str:
-    """On macOS, the package's outputs against torch's at each exported shape (Apple's report_correctness: PSNR,
-    35 dB minimum); elsewhere, a note that it did not run."""
+def check_prediction(path: Path, contract: Contract, inputs: list, reference: Callable[[], list], name: str
+                     ) -> dict | str:
+    """On macOS, the package's outputs against torch's (`reference()`, outputs for each of `inputs`) at each exported
+    shape (Apple's report_correctness: PSNR, 35 dB minimum); elsewhere, a note that it did not run."""
     if sys.platform != "darwin":
         return "not run: Core ML predicts on macOS only"
     import coremltools as ct
@@ -132,4 +134,4 @@ def check_prediction(path: Path, contract: Contract, inputs: list, expected: lis
     for args in inputs:
         out = model.predict({n: a.numpy() for n, a in zip(contract.input_names, args)})
         got.append(tuple(out[n] for n in contract.output_names))
-    return {"compute_units": "cpu_only", "psnr_db": check_outputs(name, "the Core ML package", expected, got)}
+    return {"compute_units": "cpu_only", "psnr_db": check_outputs(name, "the Core ML package", reference(), got)}

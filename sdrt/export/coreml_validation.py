@@ -179,6 +179,16 @@ def _pair_psnr(pair: Pair, args: tuple, kwargs: dict) -> float:
     return signal_psnr(want.numpy(), got.numpy())
 
 
+def torch_outputs(module: nn.Module | torch.jit.ScriptModule, inputs: list[tuple]) -> list[tuple[np.ndarray, ...]]:
+    """The module's outputs (as numpy) for each tuple of inputs."""
+    out = []
+    with torch.no_grad():
+        for args in inputs:
+            result = module(*args)
+            out.append(tuple(t.numpy() for t in (result if isinstance(result, tuple) else (result,))))
+    return out
+
+
 def check_outputs(name: str, what: str, expected: list[tuple], got: list[tuple]) -> float:
     """The lowest PSNR over matching outputs (bool outputs must be equal); ExportError below MIN_PSNR_DB."""
     worst = np.inf
