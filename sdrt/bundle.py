@@ -7,7 +7,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -80,6 +80,9 @@ class Component:
     # The axis sizes a static-shape file was built for (one dict of contract axis -> size per shape), for engines
     # that cannot reshape it (Core ML); empty: any size the contract allows. Written only when not empty.
     shapes: tuple[dict[str, int], ...] = ()
+    # The sha256 of every bundle file the component's engine opens (its folder), from the manifest, which
+    # verify_files checks: the content identity engine caches key on. Filled by Manifest.from_dict, not written.
+    checksums: dict[str, str] = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict:
         storage = {"weights_storage": self.weights_storage} if self.weights_storage != "fp32" else {}
@@ -146,9 +149,10 @@ class Manifest:
         if version != FORMAT_VERSION:
             raise BundleError(f"bundle format version {version} is not supported (this sdrt reads {FORMAT_VERSION})")
         try:
+            files = d.get("files", {})
             return cls(
                 model=ModelInfo(**d["model"]),
-                components={k: Component.from_dict(k, c) for k, c in d["components"].items()},
+                components={k: _with_checksums(Component.from_dict(k, c), files) for k, c in d["components"].items()},
                 scheduler=d["scheduler"],
                 tokenizer=TokenizerInfo(**d.get("tokenizer", {})),
                 shapes=ShapeRange(**d.get("shapes", {})),
@@ -159,6 +163,15 @@ class Manifest:
             )
         except (KeyError, TypeError) as e:
             raise BundleError(f"manifest.json is malformed: {e}") from None
+
+
+def _with_checksums(component: Component, files: dict[str, str]) -> Component:
+    """The component with the checksums of its files: everything in its file's folder, or the file alone when it
+    sits at the bundle's root."""
+    folder = Path(component.file).parent.as_posix()
+    mine = {rel: digest for rel, digest in files.items()
+            if rel == component.file or (folder != "." and rel.startswith(folder + "/"))}
+    return replace(component, checksums=mine)
 
 
 def sha256_file(path: Path) -> str:
@@ -231,13 +244,18 @@ def _check_listed(root: Path, comp: Component, files: dict[str, str]) -> None:
                           f"{', '.join(extra[:3])}")
 
 
+def check_destination(out: Path, overwrite: bool) -> None:
+    """Fail before any work when a bundle may not be written at `out`."""
+    if out.exists() and not overwrite:
+        raise BundleError(f"{out} already exists (pass --overwrite to replace it)")
+
+
 class BundleWriter:
     """Stage a bundle in a hidden sibling folder; `commit` hashes, writes the manifest and renames into place."""
 
     def __init__(self, out: Path | str, overwrite: bool = False):
         self.out = Path(out).absolute()
-        if self.out.exists() and not overwrite:
-            raise BundleError(f"{self.out} already exists (pass overwrite to replace it)")
+        check_destination(self.out, overwrite)
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.path = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
 

@@ -13,8 +13,9 @@ class ContractError(SdrtError):
     """A tensor does not match a component's I/O contract."""
 
 
-class RequestError(SdrtError):
-    """A generation request has an invalid parameter (size, steps, sampler...)."""
+class RequestError(SdrtError, ValueError):
+    """A generation request has an invalid parameter (size, steps, sampler...); also a ValueError, as Python's own
+    argument errors are."""
 
 
 class ExportError(SdrtError):
@@ -23,3 +24,7 @@ class ExportError(SdrtError):
 
 class BackendError(SdrtError):
     """An engine is not installed or cannot run a bundle."""
+
+
+class ConfigError(SdrtError):
+    """A setting from the environment (cache sizes, folders) is invalid."""

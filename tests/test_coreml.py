@@ -6,7 +6,6 @@ Core ML prediction needs macOS: tests/test_coreml_macos.py (-m macos) generates 
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 
@@ -259,7 +258,10 @@ def test_export_options_are_checked(tmp_path, capsys):
     from conftest import SHIPPED_SOURCE
 
     assert main(["export", str(SHIPPED_SOURCE), "-o", str(tmp_path / "b"), "--attention", "original"]) == 2
-    assert "--attention, --sizes and --compress apply to --target coreml" in capsys.readouterr().err
+    assert "--attention applies to --target coreml, not onnx" in capsys.readouterr().err
+    assert main(["export", str(SHIPPED_SOURCE), "-o", str(tmp_path / "b"), "--target", "coreml",
+                 "--weights-storage", "fp16"]) == 2
+    assert "--weights-storage applies to --target onnx, not coreml" in capsys.readouterr().err
     assert main(["export", str(SHIPPED_SOURCE), "-o", str(tmp_path / "b"), "--target", "coreml",
                  "--sizes", "100x64"]) == 2
     assert "multiples of 32 pixels for this model (its UNet halves the latents 2 times), got 100x64" in \
@@ -287,7 +289,7 @@ def test_batch_chunks_split_and_pad_to_the_built_batch():
     np.testing.assert_array_equal(joined, feeds["sample"])
 
 
-def test_compiled_model_cache_compiles_once_and_evicts_its_own(coreml_shapes_bundle, tmp_path):
+def test_compiled_models_compile_once_per_package_and_toolchain(coreml_shapes_bundle, tmp_path):
     import shutil
 
     m = read_manifest(coreml_shapes_bundle)
@@ -297,19 +299,14 @@ def test_compiled_model_cache_compiles_once_and_evicts_its_own(coreml_shapes_bun
         compiled.append(src)
         shutil.copytree(src, dst)
 
-    (tmp_path / "cache" / "not-ours").mkdir(parents=True)
     cache = CompiledModels(tmp_path / "cache", max_bytes=10**9)
-    keys = {}
-    for name in ("unet", "vae_decoder"):
-        c = m.components[name]
-        keys[name] = cache.key(m.files, c, "toolchain A")
-        first = cache.compiled(keys[name], coreml_shapes_bundle / c.file, compile_by_copy)
-        assert cache.compiled(keys[name], coreml_shapes_bundle / c.file, compile_by_copy) == first
-    assert len(compiled) == 2  # the second load of each hit the cache
-    assert keys["unet"] != cache.key(m.files, m.components["unet"], "toolchain B")  # macOS/coremltools updates
-    record = json.loads((tmp_path / "cache" / keys["unet"] / "sdrt-compiled.json").read_text())
-    (tmp_path / "cache" / keys["unet"] / next(iter(record))).write_bytes(b"")  # a damaged entry is compiled again
-    cache.compiled(keys["unet"], coreml_shapes_bundle / m.components["unet"].file, compile_by_copy)
-    assert len(compiled) == 3
-    CompiledModels(tmp_path / "cache", max_bytes=1).evict(keep=keys["unet"])
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([keys["unet"], "not-ours"])
+    unet, package = m.components["unet"], coreml_shapes_bundle / m.components["unet"].file
+    key = cache.key(unet, package, "toolchain A")
+    first = cache.compiled(key, package, compile_by_copy)
+    assert cache.compiled(key, package, compile_by_copy) == first and len(compiled) == 1  # the second load hit
+    assert (first / "Manifest.json").is_file()
+    assert key != cache.key(unet, package, "toolchain B")  # a macOS or coremltools update compiles again
+    assert key != cache.key(m.components["vae_decoder"], package, "toolchain A")  # keyed on content, not path
+    (first / "Manifest.json").write_text("{}")  # a damaged entry is compiled again
+    cache.compiled(key, package, compile_by_copy)
+    assert len(compiled) == 2

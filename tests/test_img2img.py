@@ -157,7 +157,7 @@ def test_rgba_and_grey_init_images_are_converted(sdrt_pipe):
 
 
 @pytest.mark.parametrize("fields, message", [
-    ({"width": 64}, "init image: expected 64x64 (the request size), got 72x64"),
+    ({"resize_mode": "stretch"}, "resize mode must be one of 'just resize', 'crop and resize', 'resize and fill'"),
     ({"strength": 0.0}, "strength must be within (0, 1], got 0.0"),
     ({"strength": 1.5}, "strength must be within (0, 1], got 1.5"),
     ({"strength": 0.1, "steps": 5}, "leaves no step to run"),

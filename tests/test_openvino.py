@@ -2,6 +2,8 @@
 images against ONNX Runtime on the same seed."""
 from __future__ import annotations
 
+import json
+import os
 import re
 import shutil
 import subprocess
@@ -52,6 +54,9 @@ def run_unet(bundle, feeds, **options) -> np.ndarray:
     output = session.run(feeds)["model_output"]
     session.close()
     return output
+
+
+BLOBS = "*.entry/model.blob"  # compiled blobs in an engine cache folder (sdrt.cache.EngineCache)
 
 
 @pytest.fixture(autouse=True)
@@ -235,7 +240,7 @@ def test_compile_cache_is_filled_and_reused(ov_bundle, tmp_path, caplog):
             images.append(np.asarray(pipe.generate("x", seed=1, steps=1)[0].image))
         times.append(time.perf_counter() - start)
         if not times[1:]:
-            blobs = {b: b.stat().st_ino for b in (tmp_path / "cache").glob("*.blob")}  # a rewrite is a new inode
+            blobs = {b: b.stat().st_ino for b in (tmp_path / "cache").glob(BLOBS)}  # a rewrite is a new inode
             caplog.clear()
     print(f"\ncold start + 1 step: {times[0]:.2f} s compiling, {times[1]:.2f} s from the cache ({len(blobs)} blobs)")
     assert len(blobs) == 3  # text encoder, UNet, VAE decoder at one shape each
@@ -243,34 +248,80 @@ def test_compile_cache_is_filled_and_reused(ov_bundle, tmp_path, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert sum(m.startswith("openvino: imported") for m in messages) == 3
     assert not any(m.startswith("openvino: compiled") for m in messages)
-    assert {b: b.stat().st_ino for b in (tmp_path / "cache").glob("*.blob")} == blobs
+    assert {b: b.stat().st_ino for b in (tmp_path / "cache").glob(BLOBS)} == blobs
     np.testing.assert_array_equal(images[1], images[0])
 
 
-def test_cache_keys_follow_precision_and_model_files(ov_bundle, tmp_path):
+def test_cache_keys_follow_precision_and_model_content(ov_bundle, tmp_path):
     cache, feeds = tmp_path / "cache", unet_feeds(batch=2)
 
     def blobs_after(bundle, precision):
         run_unet(bundle, feeds, precision=precision, cache_dir=cache)
-        return len(list(cache.glob("*.blob")))
+        return len(list(cache.glob(BLOBS)))
 
     assert blobs_after(ov_bundle, "f32") == 1
     assert blobs_after(ov_bundle, "f32") == 1
     assert blobs_after(ov_bundle, "bf16") == 2  # another precision is another compiled model
     copy = tmp_path / "copy"
-    shutil.copytree(ov_bundle, copy)  # the same files elsewhere (a re-export): compiled anew, not mixed up
-    assert blobs_after(copy, "f32") == 3
+    shutil.copytree(ov_bundle, copy)  # the same content elsewhere: the same compiled model
+    assert blobs_after(copy, "f32") == 2
+
+
+def test_a_model_swapped_with_preserved_times_is_compiled_anew(ov_bundle, tmp_path):
+    """Another model of the same architecture copied over with `cp -a` (same paths, sizes and mtimes, a manifest
+    of its own) must not reuse the first one's blob: keys hold the verified content, not file stats."""
+    cache, feeds = tmp_path / "cache", unet_feeds(batch=2)
+    swapped = tmp_path / "swapped"
+    shutil.copytree(ov_bundle, swapped)
+    original = run_unet(swapped, feeds, precision="f32", cache_dir=cache)
+    xml = swapped / read_manifest(swapped).components["unet"].file
+    weights = xml.with_suffix(".bin")
+    st = weights.stat()
+    data = bytearray(weights.read_bytes())
+    for offset, size in largest_f32_constants(xml, 8):  # same size, other weights
+        data[offset:offset + size] = (np.frombuffer(data[offset:offset + size], np.float32) * 1.5).tobytes()
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    manifest = json.loads((swapped / MANIFEST).read_text())
+    manifest["files"][weights.relative_to(swapped).as_posix()] = sha256_file(weights)
+    (swapped / MANIFEST).write_text(json.dumps(manifest))
+    verify_files(swapped, read_manifest(swapped), remembered=False)
+    again = run_unet(swapped, feeds, precision="f32", cache_dir=cache)
+    assert len(list(cache.glob(BLOBS))) == 2
+    assert np.abs(again - original).max() > 1e-3  # the new weights ran, not the old blob
+
+
+def largest_f32_constants(xml, n: int) -> list[tuple[int, int]]:
+    """(offset, size) in the .bin of the IR's `n` largest f32 constants."""
+    found = re.findall(r'<data element_type="f32" shape="[^"]*" offset="(\d+)" size="(\d+)"', xml.read_text())
+    return sorted(((int(o), int(s)) for o, s in found), key=lambda c: -c[1])[:n]
 
 
 def test_a_damaged_blob_is_compiled_again(ov_bundle, tmp_path, caplog):
     cache, feeds = tmp_path / "cache", unet_feeds(batch=2)
     first = run_unet(ov_bundle, feeds, precision="f32", cache_dir=cache)
-    (blob,) = cache.glob("*.blob")
+    (blob,) = cache.glob(BLOBS)
     size = blob.stat().st_size
     blob.write_bytes(blob.read_bytes()[: size // 3])
     again = run_unet(ov_bundle, feeds, precision="f32", cache_dir=cache)
-    assert "cannot be imported" in caplog.text
+    assert "does not match its recorded checksum" in caplog.text
+    (blob,) = cache.glob(BLOBS)
     assert blob.stat().st_size == size  # compiled and written whole again
+    np.testing.assert_array_equal(again, first)
+
+
+def test_altered_blob_bytes_are_not_imported(ov_bundle, tmp_path, caplog):
+    """A blob changed in place (same size and mtime) is caught by its recorded checksum, never imported."""
+    cache, feeds = tmp_path / "cache", unet_feeds(batch=2)
+    first = run_unet(ov_bundle, feeds, precision="f32", cache_dir=cache)
+    (blob,) = cache.glob(BLOBS)
+    st = blob.stat()
+    data = bytearray(blob.read_bytes())
+    data[len(data) // 2] ^= 0x40
+    blob.write_bytes(bytes(data))
+    os.utime(blob, ns=(st.st_atime_ns, st.st_mtime_ns))
+    again = run_unet(ov_bundle, feeds, precision="f32", cache_dir=cache)
+    assert "does not match its recorded checksum" in caplog.text
     np.testing.assert_array_equal(again, first)
 
 
@@ -280,7 +331,7 @@ def test_the_cache_keeps_to_its_budget_dropping_the_least_recently_used(ov_bundl
     def compile_at(h, w):
         time.sleep(0.05)  # distinct mtimes
         run_unet(ov_bundle, unet_feeds(2, h, w), precision="f32", cache_dir=cache)
-        return {b.name: b.stat().st_size for b in cache.glob("*.blob")}
+        return {b.parent.name: b.stat().st_size for b in cache.glob(BLOBS)}
 
     first = compile_at(8, 8)
     monkeypatch.setenv("SDRT_OPENVINO_CACHE_GB", str(2.5 * sum(first.values()) / 2**30))  # room for two blobs
@@ -363,7 +414,7 @@ def test_cli_errors(ov_bundle, tiny_sd1_bundle, tmp_path, capsys):
                  "--precision", "bf16", "-q"]) == 2
     assert "backend 'onnxruntime' has no option precision" in capsys.readouterr().err
     assert main(["export", str(tiny_sd1_bundle), "-o", str(tmp_path / "x"), "--weights", "int8"]) == 2
-    assert "apply to --target openvino" in capsys.readouterr().err
+    assert "--weights applies to --target openvino, not onnx" in capsys.readouterr().err
     assert main(["convert", str(tiny_sd1_bundle), "-o", str(tmp_path / "x"), "--quantize-unet"]) == 2
     assert "quantize_unet needs weights='int8'" in capsys.readouterr().err
 

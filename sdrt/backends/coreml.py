@@ -1,19 +1,15 @@
 """Core ML engine (macOS only; untested in this project, which has no Mac): runs the .mlpackage components of a Core
 ML bundle (sdrt export --target coreml) on the chosen compute units.
 
-Each package is compiled once to .mlmodelc and kept in sdrt's cache (`CompiledModels`): Core ML prepares a
+Each package is compiled once to .mlmodelc and kept in sdrt's engine cache (`CompiledModels`): Core ML prepares a
 .mlpackage afresh on every load, which takes minutes for an SD UNet, while a compiled model loads in seconds
 (ml-stable-diffusion README, FAQ Q5). Packages are built for static shapes: `prepare` picks the exported shape
 matching the request and refuses others, and `run` splits or pads the batch to the one the package was built for.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import platform
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -21,8 +17,8 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
-from sdrt.bundle import Component, read_manifest
-from sdrt.cache import cache_home
+from sdrt.bundle import Component, sha256_file
+from sdrt.cache import EngineCache
 from sdrt.contracts import BATCH, Contract
 from sdrt.errors import BackendError
 
@@ -34,7 +30,6 @@ COMPUTE_UNITS = {"cpu_and_ne": "CPU_AND_NE", "cpu_and_gpu": "CPU_AND_GPU", "all"
 DEFAULT_COMPUTE_UNITS = "cpu_and_ne"
 # Disk budget of compiled models: a compiled SD 1.5 is about its package's size (2.5 GB fp16, 1 GB palettized).
 DEFAULT_CACHE_GB = 10
-RECORD = "sdrt-compiled.json"  # beside each compiled model: its files and sizes, written last
 
 
 def require_macos() -> None:
@@ -73,75 +68,38 @@ def batch_chunks(feeds: Mapping[str, np.ndarray], batched: list[str], size: int)
 
 
 class CompiledModels:
-    """Compiled models (.mlmodelc) on disk, one per package content and Core ML toolchain.
+    """Compiled packages (.mlmodelc) as entries of sdrt's engine cache (sdrt.cache.EngineCache), one per package
+    content (the sha256 of its files in the bundle's verified manifest), coremltools version and macOS version.
+    Compiled models are about their package's size (2.5 GB for an fp16 SD 1.5): the folder keeps to
+    $SDRT_COREML_CACHE_GB (default DEFAULT_CACHE_GB)."""
 
-    The key is built from the package files' sha256 as the bundle's manifest lists them (verified at load), the
-    coremltools version and the macOS version. A model is compiled into a temporary sibling and renamed into place
-    with its record of files and sizes, checked on every use; past `max_bytes` ($SDRT_COREML_CACHE_GB) the least
-    recently used entries this cache made are deleted.
-    """
+    NAME = "model.mlmodelc"
 
     def __init__(self, root: Path | None = None, max_bytes: int | None = None):
-        self.root = root or cache_home() / "coreml"
-        self.max_bytes = max_bytes if max_bytes is not None else int(
-            float(os.environ.get("SDRT_COREML_CACHE_GB", DEFAULT_CACHE_GB)) * 2**30
-        )
+        self.entries = EngineCache(root, max_bytes) if max_bytes is not None else \
+            EngineCache.for_engine("coreml", root, DEFAULT_CACHE_GB)
 
-    def key(self, files: Mapping[str, str], component: Component, toolchain: str) -> str:
-        listed = {rel: digest for rel, digest in files.items() if rel.startswith(f"{component.file}/")}
-        ident = json.dumps({"files": sorted(listed.values()), "toolchain": toolchain}, sort_keys=True)
-        return hashlib.sha256(ident.encode()).hexdigest()[:40]
+    def key(self, component: Component, package: Path, toolchain: str) -> str:
+        content = component.checksums or {p.relative_to(package).as_posix(): sha256_file(p)
+                                          for p in sorted(package.rglob("*")) if p.is_file()}
+        return self.entries.key({"engine": "coreml", "toolchain": toolchain, "model": content})
 
-    def compiled(self, key: str, package: Path, compile_model) -> Path:
-        """The compiled model for `key`, compiled from `package` by `compile_model(src, dst)` when missing."""
-        entry = self.root / key
-        if self._complete(entry):
-            os.utime(entry)  # recently used: evicted last
-            return entry / "model.mlmodelc"
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=self.root))
-        try:
-            compile_model(str(package), str(tmp / "model.mlmodelc"))
-            files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in tmp.rglob("*") if p.is_file()}
-            (tmp / RECORD).write_text(json.dumps(files))
-            shutil.rmtree(entry, ignore_errors=True)  # an incomplete entry left by a crash
-            os.replace(tmp, entry)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        self.evict(keep=key)
-        return entry / "model.mlmodelc"
-
-    def _complete(self, entry: Path) -> bool:
-        try:
-            files = json.loads((entry / RECORD).read_text())
-            return all((entry / rel).stat().st_size == size for rel, size in files.items())
-        except (OSError, ValueError):
-            return False
-
-    def evict(self, keep: str = "") -> None:
-        """Delete least recently used entries (never `keep`, never folders without a record) beyond max_bytes."""
-        entries = []
-        for entry in self.root.iterdir() if self.root.is_dir() else ():
-            try:
-                files = json.loads((entry / RECORD).read_text())
-                entries.append((entry.stat().st_mtime_ns, sum(files.values()), entry))
-            except (OSError, ValueError):
-                continue
-        total = sum(size for _, size, _ in entries)
-        for _, size, entry in sorted(entries):
-            if total <= self.max_bytes:
-                break
-            if entry.name != keep:
-                log.info("coreml: cache over %.1f GB, deleting %s", self.max_bytes / 2**30, entry.name)
-                shutil.rmtree(entry, ignore_errors=True)
-                total -= size
+    def compiled(self, key: str, package: Path, compile_model) -> Path | None:
+        """The compiled model for `key`, compiled from `package` by `compile_model(src, dst)` when missing; None
+        when the cache cannot be written (the caller compiles to a temporary folder)."""
+        hit = self.entries.lookup(key)
+        if hit is not None:
+            return hit
+        log.info("coreml: compiling %s (once; later loads read the compiled model from the cache)", package)
+        return self.entries.store(key, self.NAME, lambda path: compile_model(str(package), str(path)))
 
 
 class CoreMLSession:
     """One compiled package: `prepare` picks its exported shape, `run` predicts batch chunk by batch chunk."""
 
-    def __init__(self, model, component: Component):
+    def __init__(self, model, component: Component, scratch: tempfile.TemporaryDirectory | None = None):
         self.contract, self._model, self._shapes = component.contract, model, component.shapes
+        self._scratch = scratch  # the compiled model's folder when it is not cached, removed at close
         self._batched = [t.name for t in self.contract.inputs if t.shape[:1] == (BATCH,)]
         self._shape: dict[str, int] | None = None
 
@@ -158,6 +116,9 @@ class CoreMLSession:
 
     def close(self) -> None:
         self._model = None
+        if self._scratch is not None:
+            self._scratch.cleanup()
+            self._scratch = None
 
 
 class CoreMLBackend:
@@ -166,7 +127,8 @@ class CoreMLBackend:
     name = "coreml"
     formats = ("coreml",)
 
-    def __init__(self, compute_units: str = DEFAULT_COMPUTE_UNITS, cache_dir: Path | str | None = None):
+    def __init__(self, compute_units: str = DEFAULT_COMPUTE_UNITS, cache_dir: Path | str | None = None,
+                 cache: bool = True):
         require_macos()
         if compute_units not in COMPUTE_UNITS:
             raise BackendError(f"coreml: unknown compute units {compute_units!r}; choose one of: "
@@ -174,7 +136,7 @@ class CoreMLBackend:
         import coremltools as ct
 
         self._ct, self.compute_units = ct, compute_units
-        self.cache = CompiledModels(Path(cache_dir) if cache_dir is not None else None)
+        self.cache = CompiledModels(Path(cache_dir) if cache_dir is not None else None) if cache else None
         self.toolchain = f"coremltools {ct.__version__}, macOS {platform.mac_ver()[0]}"
 
     @property
@@ -184,12 +146,16 @@ class CoreMLBackend:
     def load(self, bundle: Path, component: Component) -> CoreMLSession:
         if component.format not in self.formats:
             raise BackendError(f"coreml cannot run {component.name} stored as {component.format!r}")
-        files = read_manifest(bundle).files
-        key = self.cache.key(files, component, self.toolchain)
-        compiled = self.cache.compiled(key, Path(bundle) / component.file, self._ct.models.utils.compile_model)
+        package, compile_model = Path(bundle) / component.file, self._ct.models.utils.compile_model
+        compiled = self.cache.compiled(self.cache.key(component, package, self.toolchain), package, compile_model) \
+            if self.cache else None
+        scratch = None
+        if compiled is None:  # no cache: compiled for this session only
+            scratch = tempfile.TemporaryDirectory(prefix="sdrt-coreml-")
+            compiled = Path(compile_model(str(package), str(Path(scratch.name) / CompiledModels.NAME)))
         units = getattr(self._ct.ComputeUnit, COMPUTE_UNITS[self.compute_units])
         try:
             model = self._ct.models.CompiledMLModel(str(compiled), compute_units=units)
         except Exception as e:  # Core ML reports load failures as RuntimeError or its own errors
             raise BackendError(f"coreml cannot load {component.file}: {e}") from None
-        return CoreMLSession(model, component)
+        return CoreMLSession(model, component, scratch)

@@ -54,7 +54,8 @@ class OnnxRuntimeBackend:
     name = "onnxruntime"
     formats = ("onnx",)
 
-    def __init__(self, device: str = "cpu", threads: int = 0):
+    def __init__(self, device: str = "cpu", threads: int = 0, cache: bool = True):
+        # `cache`: accepted so `--no-cache` applies to every backend; ONNX Runtime keeps no compiled models.
         if device not in PROVIDERS:
             raise BackendError(f"onnxruntime: unknown device {device!r}; choose one of: {', '.join(PROVIDERS)}")
         provider = PROVIDERS[device]

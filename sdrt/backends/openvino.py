@@ -1,10 +1,7 @@
 """OpenVINO engine: reads IR (or ONNX), reshapes to static shapes per request size, compiles with a disk cache."""
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -15,8 +12,9 @@ import openvino as ov
 
 from sdrt.backends.base import check_names
 from sdrt.bundle import Component
-from sdrt.cache import cache_home, write_atomically
-from sdrt.contracts import BATCH, Contract
+from sdrt.bundle import sha256_file
+from sdrt.cache import EngineCache, cache_home
+from sdrt.contracts import BATCH
 from sdrt.errors import BackendError
 
 log = logging.getLogger(__name__)
@@ -36,85 +34,63 @@ DEFAULT_CACHE_GB = 20
 
 
 def default_cache_dir() -> Path:
-    """Where compiled blobs go: sdrt's cache home (sdrt.cache.cache_home: ~/.cache/sdrt) / openvino."""
+    """Where compiled blobs go: sdrt's cache home (sdrt.cache.cache_home) / openvino."""
     return cache_home() / "openvino"
 
 
 class BlobCache:
-    """Compiled models on disk, one blob per (model files, static shapes, device, config, OpenVINO version).
+    """Compiled models as entries of sdrt's engine cache (sdrt.cache.EngineCache), one blob per (model content,
+    static shapes, device, config, OpenVINO version).
 
     OpenVINO's own CACHE_DIR would do this, but on a hit it hashes the whole model (weights included) to find the
-    blob and reads the blob into memory. Here the key is built from the files' stat signature (the bundle's
-    checksums are verified at load), and a hit memory-maps the blob: the compiled model's weights stay in the page
-    cache, not copied into the process (0.7-1 GB less resident for an int8 SD 1.5 UNet).
-
-    Blobs are large (0.8-3.4 GB for an SD 1.5 UNet at one shape), so the folder is bounded: after each write the
-    least recently used blobs (a hit touches its blob) go until the total is under `max_bytes`
-    ($SDRT_OPENVINO_CACHE_GB, default DEFAULT_CACHE_GB). A process that has a deleted blob mapped keeps its copy.
+    blob and reads the blob into memory. Here the key holds the model files' sha256 from the bundle's verified
+    manifest, and a hit memory-maps the blob: the compiled model's weights stay in the page cache, not copied
+    into the process (0.7-1 GB less resident for an int8 SD 1.5 UNet). Blobs are large (0.8-3.4 GB for an SD 1.5
+    UNet at one shape): the folder keeps to $SDRT_OPENVINO_CACHE_GB (default DEFAULT_CACHE_GB).
     """
 
-    def __init__(self, root: Path, max_bytes: int | None = None):
-        self.root = root
-        self.max_bytes = max_bytes if max_bytes is not None else int(
-            float(os.environ.get("SDRT_OPENVINO_CACHE_GB", DEFAULT_CACHE_GB)) * 2**30
-        )
+    NAME = "model.blob"
 
-    def key(self, core: ov.Core, path: Path, shapes: dict, device: str, config: dict) -> str:
-        files = [path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]
-        ident = {
+    def __init__(self, root: Path, max_bytes: int | None = None):
+        self.entries = EngineCache(root, max_bytes) if max_bytes is not None else \
+            EngineCache.for_engine("openvino", root, DEFAULT_CACHE_GB)
+
+    def key(self, core: ov.Core, component: Component, path: Path, shapes: dict, device: str, config: dict) -> str:
+        return self.entries.key({
+            "engine": "openvino",
             "openvino": ov.get_version(),
             "device": core.get_property(device, "FULL_DEVICE_NAME"),
             "config": {k: str(v) for k, v in config.items()},
             "shapes": shapes,
-            "files": [[str(f.absolute()), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.exists()],
-        }
-        return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:40]
+            "model": component.checksums or _content_of(path),
+        })
 
     def load(self, core: ov.Core, key: str, device: str, config: dict):
-        """(compiled model, the mapping it was imported from) on a hit, else None; a bad blob is deleted."""
-        blob = self.root / f"{key}.blob"
-        if not blob.is_file():
+        """(compiled model, the mapping it was imported from) on a hit, else None."""
+        blob = self.entries.lookup(key)
+        if blob is None:
             return None
         try:
             mapped = np.memmap(blob, dtype=np.uint8, mode="c")  # copy-on-write: the file is never written through
-            compiled = core.import_model(ov.Tensor(mapped, shared_memory=True), device, config)
-        except (RuntimeError, ValueError, OSError) as e:
+            return core.import_model(ov.Tensor(mapped, shared_memory=True), device, config), mapped
+        except (RuntimeError, ValueError, OSError) as e:  # intact bytes, yet refused: another OpenVINO build
             log.warning("openvino: cached blob %s cannot be imported (%s); compiling instead", blob, e)
-            blob.unlink(missing_ok=True)
             return None
-        try:
-            os.utime(blob)  # recently used: evicted last
-        except OSError:
-            pass
-        return compiled, mapped
 
     def store(self, key: str, compiled: ov.CompiledModel) -> None:
-        """Write the blob atomically (readers never see half a blob); a failure only costs the next start."""
+        """Write the blob as a cache entry (atomic; a failure only costs the next start a compile)."""
         try:
             data = compiled.export_model().getbuffer()
         except RuntimeError as e:
             log.warning("openvino: cannot export the compiled model for the cache: %s", e)
             return
-        if write_atomically(self.root / f"{key}.blob", data):
-            self.evict(keep=key)
+        self.entries.store(key, self.NAME, lambda path: path.write_bytes(data))
 
-    def evict(self, keep: str = "") -> None:
-        """Delete least recently used blobs (never `keep`) until the folder is within max_bytes."""
-        blobs = []
-        for blob in self.root.glob("*.blob"):
-            try:
-                st = blob.stat()
-            except OSError:  # deleted meanwhile by another process
-                continue
-            blobs.append((st.st_mtime_ns, st.st_size, blob))
-        total = sum(size for _, size, _ in blobs)
-        for _, size, blob in sorted(blobs, key=lambda b: b[0]):
-            if total <= self.max_bytes:
-                break
-            if blob.stem != keep:
-                log.info("openvino: cache over %.1f GB, deleting %s", self.max_bytes / 2**30, blob.name)
-                blob.unlink(missing_ok=True)
-                total -= size
+
+def _content_of(path: Path) -> dict[str, str]:
+    """sha256 of a model's files when no verified manifest lists them (a component built by hand)."""
+    files = [path, path.with_suffix(".bin")] if path.suffix == ".xml" else [path]
+    return {f.name: sha256_file(f) for f in files if f.exists()}
 
 
 def _type_name(value) -> str:
@@ -130,10 +106,11 @@ class OpenVinoSession:
     """
 
     def __init__(
-        self, core: ov.Core, path: Path, contract: Contract, device: str, config: dict, streams: int,
+        self, core: ov.Core, path: Path, component: Component, device: str, config: dict, streams: int,
         blobs: BlobCache | None = None,
     ):
-        self.contract = contract
+        self.contract, self._component = component.contract, component
+        contract = component.contract
         self._core, self._path, self._device, self._config, self._streams = core, path, device, config, streams
         self._blobs = blobs
         # The model is read now (its names checked at load) unless compiled blobs may make reading it unnecessary:
@@ -173,7 +150,8 @@ class OpenVinoSession:
         dims = {**dims, BATCH: dims[BATCH] // parts} if parts > 1 else dims
         shapes = {spec.name: list(spec.concrete_shape(dims)) for spec in self.contract.inputs}
         start = time.perf_counter()
-        key = self._blobs.key(self._core, self._path, shapes, self._device, self._config) if self._blobs else None
+        key = self._blobs.key(self._core, self._component, self._path, shapes, self._device, self._config) \
+            if self._blobs else None
         hit = self._blobs.load(self._core, key, self._device, self._config) if key else None
         compiled, mapped = hit or (self._compile_model(shapes), None)
         self._check_ports(compiled)
@@ -280,6 +258,7 @@ class OpenVinoBackend:
             raise BackendError(f"openvino: streams={streams} needs hint='throughput' (latency runs one stream)")
         self.hint = hint
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir() if cache else None
+        self.blobs = BlobCache(self.cache_dir) if self.cache_dir is not None else None  # checks the budget now
         # Latency: one request on one stream using every core (OpenVINO's latency default), the batch unsplit.
         self.streams = 1 if hint == "latency" else streams or THROUGHPUT_STREAMS
         self.config = self._config(precision, hint, threads)
@@ -306,5 +285,4 @@ class OpenVinoBackend:
             raise BackendError(f"openvino cannot run {component.name} stored as {component.format!r}")
         path = Path(bundle) / component.file
         config = {**self.config, "INFERENCE_PRECISION_HINT": "f32"} if component.contract.full_precision else self.config
-        blobs = BlobCache(self.cache_dir) if self.cache_dir is not None else None
-        return OpenVinoSession(self.core, path, component.contract, self.device, config, self.streams, blobs)
+        return OpenVinoSession(self.core, path, component, self.device, config, self.streams, self.blobs)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
@@ -28,8 +27,8 @@ from sdrt.export.coreml_package import check_package, check_prediction, compute_
     coreml_outputs
 from sdrt.export.coreml_rewrites import ATTENTIONS, SPLIT_EINSUM, rewrite_unet, rewrite_vae
 from sdrt.export.coreml_validation import MIN_PSNR_DB, VALIDATION_SEED, check_outputs, check_rewrites, torch_outputs
+from sdrt.export.convert import tool_versions as converted_with
 from sdrt.export.exporter import model_info, tool_versions, write_tokenizer
-from sdrt.export.openvino import GATE_REQUEST
 from sdrt.export.safety import load_safety_checker, safety_spec
 from sdrt.export.source import SourceModel, load_source
 
@@ -71,19 +70,24 @@ def export_coreml(
     source: Path | str,
     out: Path | str,
     *,
-    attention: str = DEFAULT_ATTENTION,
+    attention: str | None = None,
     sizes: tuple[tuple[int, int], ...] = (),
     compression: str | None = None,
     overwrite: bool = False,
     safety_checker: bool = True,
     original_config: Path | str | None = None,
     prediction_type: str | None = None,
+    taesd: Path | str | None = None,
 ) -> Manifest:
     """Export a diffusers folder or single file to a Core ML bundle at `out`; returns its manifest.
 
-    `sizes`: extra (width, height) pairs to build besides the model's own size. `compression`: "palette6" or
-    "int8" for the text encoder's and UNet's weights, refused below an image PSNR of 30 dB against fp16 weights.
+    `attention`: "split_einsum" (None: DEFAULT_ATTENTION) or "original". `sizes`: extra (width, height) pairs to
+    build besides the model's own size. `compression`: "palette6" or "int8" for the text encoder's and UNet's
+    weights, refused below an image PSNR of 30 dB against fp16 weights. A TAESD is not converted (yet).
     """
+    attention = attention or DEFAULT_ATTENTION
+    if taesd is not None:
+        raise ExportError("--taesd: the tiny decoder is not converted to Core ML yet; export without it")
     if attention not in ATTENTIONS:
         raise ExportError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
     if compression is not None and compression not in COMPRESSIONS:
@@ -105,8 +109,8 @@ def export_coreml(
             source=model.source, tools=_tools(compression),
         )
         if compression:
-            record = image_psnr(writer.path, manifest, {j.name: j.module for j in conversions}, weights, GATE_REQUEST)
-            manifest = replace(manifest, source={**manifest.source, "compression": {"mode": compression, **record}})
+            record = image_psnr(writer.path, manifest, {j.name: j.module for j in conversions}, weights, compression)
+            manifest = replace(manifest, source={**manifest.source, "compression": record})
         return writer.commit(manifest)
 
 
@@ -245,10 +249,4 @@ def _precision(job: Conversion) -> str:
 
 def _tools(compression: str | None) -> dict:
     versions = {k: v for k, v in tool_versions().items() if k not in ("onnx", "onnxruntime")}
-    for name in ("coremltools", *(("scikit-learn",) if compression == "palette6" else ())):
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = "unknown"
-    return versions
-
+    return converted_with(versions, ("coremltools", *(("scikit-learn",) if compression == "palette6" else ())))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from pathlib import Path
 
 import numpy as np
@@ -20,10 +19,9 @@ from torch import nn
 
 from sdrt.bundle import Manifest
 from sdrt.errors import ExportError
+from sdrt.export.convert import GATE_REQUEST, check_image_psnr
 from sdrt.export.coreml_validation import signal_psnr
 from sdrt.export.torch_backend import TorchBackend
-from sdrt.runtime.image import max_pixel_difference, psnr
-from sdrt.runtime.pipeline import Pipeline
 from sdrt.runtime.request import GenerationRequest
 
 log = logging.getLogger(__name__)
@@ -134,28 +132,19 @@ def rounded(module: nn.Module, names) -> dict[str, np.ndarray]:
     return {name: module.get_parameter(name).detach().numpy().astype(np.float16) for name in names}
 
 
-def image_psnr(root: Path, manifest: Manifest, modules: dict[str, nn.Module], weights: dict[str, dict],
-               request: GenerationRequest, gate: float = MIN_PSNR_DB) -> dict:
+def image_psnr(root: Path, manifest: Manifest, modules: dict[str, nn.Module], weights: dict[str, dict], mode: str,
+               request: GenerationRequest = GATE_REQUEST, gate: float = MIN_PSNR_DB) -> dict:
     """Generate `request` on torch with each compressed component's parameters rounded to fp16 and with its
     decompressed weights (`by_parameter` results; see the module docstring); ExportError below `gate` dB, else the
     manifest record."""
-    images = {}
-    for which in ("reference", "compressed"):
-        chosen = {name: with_weights(module, weights.get(name, {}) if which == "compressed" else
-                                     rounded(module, weights.get(name, {})))
-                  for name, module in modules.items()}
-        with Pipeline(root, manifest, TorchBackend(chosen)) as pipe:
-            images[which] = pipe.generate(request)[0].image
-    measured = psnr(images["reference"], images["compressed"])
-    log.info("compressed weights: image PSNR %.2f dB against the uncompressed weights (minimum %g)", measured, gate)
-    if not measured >= gate:
-        raise ExportError(f"the compressed weights' image is {measured:.2f} dB PSNR from the uncompressed one's, below "
-                          f"the minimum of {gate:g} dB: refusing to write compressed weights")
-    return {
-        "psnr_db": round(measured, 2) if math.isfinite(measured) else None,
-        "max_pixel_difference": max_pixel_difference(images["reference"], images["compressed"]),
-        "min_psnr_db": gate, "method": METHOD,
-        "request": {"prompt": request.prompt, "seed": request.seed, "steps": request.steps,
-                    "sampler": request.sampler, "guidance_scale": request.guidance_scale,
-                    "size": list(images["reference"].size)},
-    }
+    def backend(which: str, label: str) -> TorchBackend:
+        return TorchBackend({name: with_weights(module, weights.get(name, {}) if which == "compressed" else
+                                                rounded(module, weights.get(name, {})))
+                             for name, module in modules.items()}, label)
+
+    record = check_image_psnr(
+        root, manifest, root, manifest, reference=backend("reference", "torch fp32, weights rounded to fp16"),
+        candidate=backend("compressed", f"torch fp32, {mode} weights decompressed"), gate=gate,
+        what=f"{mode}-compressed weights'", request=request,
+    )
+    return {"mode": mode, **record, "method": METHOD}

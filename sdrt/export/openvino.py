@@ -2,18 +2,17 @@
 from __future__ import annotations
 
 import logging
-import math
 import re
-import shutil
 import time
 from dataclasses import dataclass, replace
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from sdrt.backends import get_backend
-from sdrt.bundle import MANIFEST, BundleWriter, Component, Manifest, read_manifest, sha256_file, verify_files
-from sdrt.errors import BackendError, ExportError
-from sdrt.runtime.image import max_pixel_difference, psnr
+from sdrt.bundle import BundleWriter, Component, Manifest
+from sdrt.errors import ExportError
+from sdrt.export.convert import (
+    GATE_REQUEST, check_image_psnr, copy_tokenizer, open_onnx_source, provenance, reference_backend, tool_versions,
+)
 from sdrt.runtime.pipeline import Pipeline
 from sdrt.runtime.request import GenerationRequest
 
@@ -56,11 +55,6 @@ QUANTIZATION_SCHEMES = (
 # at (typical range 30-50 dB); a weight change may not cost more than a visible-but-faithful JPEG would.
 MIN_PSNR_DB = {"fp32": 35.0, "int8": 30.0}
 INT8_MIN_PSNR_DB = MIN_PSNR_DB["int8"]
-# The fixed image both bundles must agree on: a deterministic sampler, at the model's default size.
-GATE_REQUEST = GenerationRequest(
-    prompt="a red circle above a blue square", seed=1234, steps=12, guidance_scale=7.5, sampler="DPM++ 2M",
-    safety_checker=False, watermark=False,  # the gate measures the conversion, not post-processing
-)
 # Prompts whose denoising trajectories calibrate a quantized UNet's activation ranges (seeds follow the gate's):
 # 4 x 12 steps = 48 UNet inputs. On the shipped model, recorded in f32, 1-3 prompts gave a 35.2 dB gate image and
 # 4-6 gave 37.4 dB (35.0 with 4 recorded in bf16, as _RecordingBackend does); each prompt costs 12 UNet calls to
@@ -93,9 +87,7 @@ def convert_bundle(
         raise ExportError("quantize_unet needs weights='int8'")
     gate = MIN_PSNR_DB[weights] if psnr_gate is None else psnr_gate
     src = Path(src)
-    source = read_manifest(src)
-    verify_files(src, source)
-    _check_onnx(src, source)
+    source = open_onnx_source(src)
     with BundleWriter(out, overwrite=overwrite) as writer:  # checks `out` before any slow work
         calibration = collect_unet_inputs(src, source, request) if quantize_unet else None
         schemes = QUANTIZATION_SCHEMES if quantize_unet else (None,)
@@ -108,9 +100,10 @@ def convert_bundle(
             if scheme:
                 unet = convert_component(src, source.components["unet"], writer.path, weights, calibration, scheme)
                 components = {name: components.get(name, unet) for name in source.components}
-            draft = replace(source, components=components, tools=_tools(source.tools, weights), files={})
+            draft = replace(source, components=components, tools=tool_versions(source.tools, _tools(weights)),
+                            files={})
             try:
-                validation = check_image_psnr(src, source, writer.path, draft, weights, gate, request)
+                validation = _check_image(src, source, writer.path, draft, weights, gate, request)
             except ExportError as error:
                 if tried == len(schemes):
                     raise
@@ -119,15 +112,7 @@ def convert_bundle(
                 continue
             if scheme:
                 validation["int8_activations"] = scheme.name
-            origin = {"format": "onnx", "manifest_sha256": sha256_file(src / MANIFEST)}
-            record = {**source.source, "converted_from": origin, "validation": validation}
-            return writer.commit(replace(draft, source=record))
-
-
-def _check_onnx(src: Path, manifest: Manifest) -> None:
-    for comp in manifest.components.values():
-        if comp.format != "onnx":
-            raise ExportError(f"{src}: component {comp.name} is stored as {comp.format!r}; conversion reads ONNX")
+            return writer.commit(replace(draft, source=provenance(src, source, validation)))
 
 
 def convert_component(
@@ -249,60 +234,17 @@ def collect_unet_inputs(src: Path, manifest: Manifest, request: GenerationReques
     return backend.feeds
 
 
-def copy_tokenizer(src: Path, manifest: Manifest, root: Path) -> None:
-    """The tokenizer files travel unchanged."""
-    for rel in (manifest.tokenizer.vocab, manifest.tokenizer.merges):
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src / rel, root / rel)
-
-
-def check_image_psnr(
+def _check_image(
     src: Path, source: Manifest, root: Path, converted: Manifest, weights: str, gate: float, request: GenerationRequest
 ) -> dict:
-    """Generate `request` on the source and the converted bundle; raise ExportError below `gate` dB.
-
-    The candidate runs on OpenVINO in f32 so only the conversion (and the weights) differ. Its reference is the
-    ONNX bundle on ONNX Runtime for fp32 (the reference engine), and on OpenVINO f32 for int8 (only weights differ).
-    """
-    reference, candidate = _reference_backend(weights), get_backend("openvino", precision="f32", cache=False)
-    with Pipeline(src, source, reference) as pipe:
-        expected = pipe.generate(request)[0].image
-    with Pipeline(root, converted, candidate) as pipe:
-        got = pipe.generate(request)[0].image
-    measured = psnr(expected, got)
-    log.info("%s conversion: image PSNR %.2f dB against %s (minimum %.1f)", weights, measured, reference.label, gate)
-    if not measured >= gate:
-        raise ExportError(
-            f"the {weights} OpenVINO bundle's image is {measured:.2f} dB PSNR from the source's on {reference.label}, "
-            f"below the minimum of {gate:g} dB: refusing to write {weights} weights"
-        )
-    return {
-        "psnr_db": round(measured, 2) if math.isfinite(measured) else None,  # None: the images are identical
-        "max_pixel_difference": max_pixel_difference(expected, got),
-        "min_psnr_db": gate,
-        "reference": f"source bundle on {reference.label}",
-        "candidate": f"this bundle on {candidate.label}",
-        "request": {"prompt": request.prompt, "seed": request.seed, "steps": request.steps,
-                    "sampler": request.sampler, "guidance_scale": request.guidance_scale,
-                    "size": [expected.width, expected.height]},
-    }
+    """The gate image: the candidate runs on OpenVINO in f32 so only the conversion (and the weights) differ. Its
+    reference is the ONNX bundle on ONNX Runtime for fp32 (the reference engine), and on OpenVINO f32 for int8
+    (only the weights differ)."""
+    reference = reference_backend() if weights == "fp32" else get_backend("openvino", precision="f32", cache=False)
+    candidate = get_backend("openvino", precision="f32", cache=False)
+    return check_image_psnr(src, source, root, converted, reference=reference, candidate=candidate, gate=gate,
+                            what=f"{weights} OpenVINO bundle's", request=request)
 
 
-def _reference_backend(weights: str):
-    if weights == "fp32":
-        try:
-            return get_backend("onnxruntime")
-        except BackendError:
-            log.info("onnxruntime is not installed: the fp32 gate compares against the ONNX graphs on OpenVINO")
-    return get_backend("openvino", precision="f32", cache=False)
-
-
-def _tools(tools: dict, weights: str) -> dict:
-    extra = ("openvino", "nncf") if weights == "int8" else ("openvino",)
-    versions = dict(tools)
-    for name in extra:
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = "unknown"
-    return versions
+def _tools(weights: str) -> tuple[str, ...]:
+    return ("openvino", "nncf") if weights == "int8" else ("openvino",)

@@ -31,6 +31,18 @@ def infotext(prompt: str, negative_prompt: str, fields: dict[str, object]) -> st
     return "\n".join(lines)
 
 
+def load_image(path: Path, what: str) -> Image.Image:
+    """The image at `path`, fully read; unreadable files are one-line RequestErrors naming `what`."""
+    from PIL import UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image
+    except (OSError, UnidentifiedImageError) as e:
+        raise RequestError(f"cannot read the {what} {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
 def check_writable(path: Path) -> None:
     """Fail before any work when `path` cannot be written (missing folder, a directory, no permission)."""
     path = Path(path)
@@ -39,8 +51,9 @@ def check_writable(path: Path) -> None:
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise RequestError(f"cannot write {path}: folder {parent} does not exist")
-    if path.suffix.lower() != ".png":
-        raise RequestError(f"output must be a .png file, got {path.name}")
+    from sdrt.runtime.outputs import format_of
+
+    format_of(path)
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise RequestError(f"cannot write {path}: permission denied")
 

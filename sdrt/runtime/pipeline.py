@@ -68,6 +68,12 @@ class GeneratedImage:
     nsfw: bool = False  # flagged by the bundle's safety checker: `image` is black
     watermark: str | None = None  # the invisible watermark's payload, when one was embedded
 
+    def save(self, path: Path | str) -> Path:
+        """Write the image (.png, .jpg or .webp) with its parameters where A1111 keeps them, atomically."""
+        from sdrt.runtime.outputs import write_image
+
+        return write_image(self.image, Path(path), self.parameters)
+
 
 def _unet_feeds(x_in: np.ndarray, t: float, context: np.ndarray) -> dict[str, np.ndarray]:
     timestep = np.full(len(x_in), t, dtype=np.float32)
@@ -137,7 +143,7 @@ class Pipeline:
 
     def _guidance(self, req: GenerationRequest) -> ClassifierFreeGuidance:
         b = req.batch_size
-        embeddings = self.encode_prompts([req.negative_prompt] * b + [req.prompt] * b)
+        embeddings = self.encode_prompts(req.negative_prompts() + req.prompts())
         return ClassifierFreeGuidance(cond=embeddings[b:], uncond=embeddings[:b], scale=req.guidance_scale)
 
     def _model(self, guidance: ClassifierFreeGuidance, start: Start, rescale: float):
@@ -238,15 +244,16 @@ class Pipeline:
             return linear_preview(latents)
         return self.decode(latents)
 
-    def generate(self, request: GenerationRequest | str, **fields) -> list[GeneratedImage]:
-        """Run the whole loop and decode; accepts a request or a prompt plus request fields."""
-        if isinstance(request, str):
-            request = GenerationRequest(prompt=request, **fields)
-        req = request.resolve(self.manifest)
-        last = None
-        for last in self.denoise(req):
-            pass
-        return self.finish(req, self.decode(last.vp_latents(), fast=req.fast_decode))
+    def generate(self, request: GenerationRequest | str | list[str], **fields) -> list[GeneratedImage]:
+        """Run a whole request (sdrt.runtime.driver): a GenerationRequest, or a prompt (or a list of prompts) with
+        request fields, diffusers' names accepted where they mean the same (`num_inference_steps`,
+        `num_images_per_prompt`, `image`, `mask_image`, a per-step `callback` that returns True to stop); an
+        `init_image` or `mask` may be a path."""
+        from sdrt.runtime.api import request_from_kwargs
+        from sdrt.runtime.driver import run
+
+        request, hook = request_from_kwargs(request, fields)
+        return list(run(self, request, hook))
 
     def finish(self, req: GenerationRequest, images: list[Image.Image]) -> list[GeneratedImage]:
         """Decoded images -> outputs: pasted into the init image where A1111 would (a mask blur, "only masked"),
@@ -262,7 +269,7 @@ class Pipeline:
         marked = [payload is not None and fits_watermark(img.size) for img in images]
         images = [embed_watermark(img, payload) if mark else img for img, mark in zip(images, marked)]
         return [
-            GeneratedImage(img, req.seed + i, self.parameters(req, req.seed + i, flag if checked else None, mark),
+            GeneratedImage(img, req.seed + i, self.parameters(req, i, flag if checked else None, mark),
                            nsfw=flag, watermark=payload.decode() if mark else None)
             for i, (img, flag, mark) in enumerate(zip(images, flags, marked))
         ]
@@ -274,9 +281,10 @@ class Pipeline:
                                                                                   component)
 
     def parameters(
-        self, req: GenerationRequest, seed: int, nsfw: bool | None = None, watermarked: bool = False
+        self, req: GenerationRequest, index: int, nsfw: bool | None = None, watermarked: bool = False
     ) -> str:
-        """A1111 infotext for one image of a resolved request; `nsfw` None: the safety checker did not run."""
+        """A1111 infotext for image `index` of a resolved batch; `nsfw` None: the safety checker did not run."""
+        seed = req.seed + index
         source = self.manifest.source
         has_checker = "safety_checker" in self.manifest.components
         fields = {
@@ -305,4 +313,4 @@ class Pipeline:
             "Backend": self.backend.label,
             "Version": f"sdrt {__version__}",
         }
-        return infotext(req.prompt, req.negative_prompt, fields)
+        return infotext(req.prompts()[index], req.negative_prompts()[index], fields)

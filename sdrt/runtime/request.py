@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Sequence
 
 from PIL import Image
 
@@ -12,11 +13,14 @@ from sdrt.errors import RequestError
 from sdrt.runtime.img2img import INPAINT_CHANNELS, extra_unet_channels, rgb
 from sdrt.runtime.noise import SEED_MODES
 from sdrt.runtime.presets import preset_for, scheduler_config
+from sdrt.runtime.resize import resize, resize_mode_name, rounded_size
 from sdrt.runtime.samplers import make_schedule, resolve_sampler
 from sdrt.runtime.schedules import SchedulerConfig
 
 MAX_STEPS = 1000
 MAX_SEED = 2**64  # torch.Generator.manual_seed accepts 64-bit seeds
+RANDOM_SEED = -1  # A1111, its API and most front ends send -1 for "pick one"
+MAX_ITERATIONS = 10_000
 DEFAULT_STRENGTH = 0.75  # A1111's "Denoising strength" and StableDiffusionImg2ImgPipeline's default
 
 
@@ -24,17 +28,18 @@ DEFAULT_STRENGTH = 0.75  # A1111's "Denoising strength" and StableDiffusionImg2I
 class GenerationRequest:
     """What to generate; None fields take the bundle's defaults in `resolve`."""
 
-    prompt: str
-    negative_prompt: str = ""
+    prompt: str | Sequence[str]  # a list: one batch of len(prompt) x batch_size images, prompt-major (diffusers)
+    negative_prompt: str | Sequence[str] = ""  # one for all, or one per prompt
     width: int | None = None
     height: int | None = None
     steps: int | None = None  # None: the model kind's preset (25 standard, 4 LCM, 1 turbo)
     guidance_scale: float | None = None  # None: the preset's (7.5 standard; LCM and turbo: off)
     sampler: str | None = None
     schedule: str | None = None  # A1111's "Schedule type" (Karras, Exponential, SGM Uniform); None: the sampler's
-    seed: int | None = None
+    seed: int | None = None  # None or -1 (A1111's "random"): a random seed, fixed by `resolve`
     seed_mode: str = "cpu"  # "cpu": torch's CPU generator (diffusers); "gpu": torch's CUDA Philox (A1111's default)
     batch_size: int = 1
+    n_iter: int = 1  # A1111's batch count: batches run one after another, seeds continuing
     eta: float | None = None  # noise amount for DDIM / ancestral samplers; None: the sampler's default
     guidance_rescale: float = 0.0  # Lin et al. 2023 sec. 3.4 (0.7 there), for zero-terminal-SNR models
     kind: str | None = None  # model kind whose preset fills unset fields; None: the bundle's (presets.detect_kind)
@@ -48,19 +53,26 @@ class GenerationRequest:
     mask_blur: int = 0  # A1111's "Mask blur" in pixels: softens the mask and pastes the result over the original
     inpaint_full_res: bool = False  # A1111's "Inpaint area: Only masked": generate a crop around the mask
     inpaint_full_res_padding: int = 32  # A1111's "Only masked padding, pixels" around the mask's bounding box
+    # A1111's "Resize mode" for an init image (and mask) of another size than the request: "just resize",
+    # "crop and resize", "resize and fill" (or A1111's index 0-2).
+    resize_mode: str | int = "just resize"
+    # Set by `resolve`: every field is final (defaults filled, seed fixed, names canonical, images converted).
+    resolved: bool = field(default=False, repr=False, compare=False)
 
     def resolve(self, manifest: Manifest) -> GenerationRequest:
-        """Fill defaults from the bundle and check every field, raising RequestError with a one-line reason."""
+        """Fill defaults from the bundle and check every field, raising RequestError with a one-line reason; a
+        resolved request is returned as it is, so the loop, the steps and the metadata see one request."""
+        if self.resolved:
+            return self
         try:
             preset = preset_for(manifest, self.kind)
         except ValueError as e:
             raise RequestError(str(e)) from None
         steps, guidance_scale, sampler = preset.fill(self.steps, self.guidance_scale, self.sampler)
-        size = manifest.model.default_size
-        seed = secrets.randbelow(2**32) if self.seed is None else self.seed
+        seed = secrets.randbelow(2**32) if self.seed in (None, RANDOM_SEED) else self.seed
         req = replace(
-            self, steps=steps, guidance_scale=guidance_scale,
-            sampler=sampler or default_sampler(manifest.scheduler), seed=seed, kind=preset.kind, **self._images(size),
+            self, steps=steps, guidance_scale=guidance_scale, sampler=sampler or default_sampler(manifest.scheduler),
+            seed=seed, kind=preset.kind, **self._images(manifest), **self._prompts(),
         )
         req._check(manifest)
         try:
@@ -68,25 +80,73 @@ class GenerationRequest:
             make_schedule(req.sampler, scheduler_settings(manifest, req.kind), req.steps, req.strength or 1.0)
         except ValueError as e:  # unknown name, a schedule type the sampler lacks, LCM's step limit, no step left...
             raise RequestError(str(e)) from None
-        return req
+        return replace(req, resolved=True)
 
-    def _images(self, size: int) -> dict:
-        """Size (default: the init image's, else the model's), init image as RGB, mask as L, default strength."""
+    def _prompts(self) -> dict:
+        """A list of prompts (and of negative prompts) as one per image: the batch grows to len(prompts) x
+        batch_size, each prompt repeated batch_size times as diffusers' num_images_per_prompt."""
+        if isinstance(self.prompt, str) or not isinstance(self.batch_size, int):
+            if not isinstance(self.negative_prompt, str) and isinstance(self.prompt, str):
+                raise RequestError("a list of negative prompts needs a list of prompts of the same length")
+            return {}
+        prompts = list(self.prompt)
+        negatives = [self.negative_prompt] * len(prompts) if isinstance(self.negative_prompt, str) \
+            else list(self.negative_prompt)
+        if not prompts or len(negatives) != len(prompts):
+            raise RequestError(f"expected one negative prompt or one per prompt ({len(prompts)}), "
+                               f"got {len(negatives)}")
+        per = self.batch_size
+
+        def expand(texts: list[str]) -> tuple[str, ...]:
+            return tuple(text for text in texts for _ in range(per))
+
+        return {"prompt": expand(prompts), "negative_prompt": expand(negatives), "batch_size": len(prompts) * per}
+
+    def prompts(self) -> list[str]:
+        """The prompt of each image of the batch."""
+        return list(self.prompt) if not isinstance(self.prompt, str) else [self.prompt] * self.batch_size
+
+    def negative_prompts(self) -> list[str]:
+        """The negative prompt of each image of the batch."""
+        negative = self.negative_prompt
+        return list(negative) if not isinstance(negative, str) else [negative] * self.batch_size
+
+    def iterations(self) -> list[GenerationRequest]:
+        """The batches of a resolved request, run one after another: batch k starts at seed + k * batch_size."""
+        return [replace(self, seed=self.seed + k * self.batch_size, n_iter=1) for k in range(self.n_iter)]
+
+    def _images(self, manifest: Manifest) -> dict:
+        """Size (default: the init image's rounded to the bundle's multiple, else the model's), the init image as
+        RGB and the mask as L, both resized to the request size as A1111's resize mode says (with "only masked",
+        the mask to the init image's size: the crop is generated at the request size), default strength."""
+        size = manifest.model.default_size
         if self.init_image is None:
             return {"width": self.width or size, "height": self.height or size}
         for what, value in (("init image", self.init_image), ("mask", self.mask)):
             if value is not None and not isinstance(value, Image.Image):
                 raise RequestError(f"{what} must be a PIL image, got {type(value).__name__}")
+        try:
+            mode = resize_mode_name(self.resize_mode)
+        except ValueError as e:
+            raise RequestError(str(e)) from None
         image = rgb(self.init_image)
+        default_w, default_h = rounded_size(image, manifest.shapes.multiple_of)
+        width, height = self.width or default_w, self.height or default_h
+        if not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
+            return {"width": width, "height": height}  # _check names the bad value
+        target = image.size if self.inpaint_full_res else (width, height)
+        mask = None if self.mask is None else resize(self.mask.convert("L"), mode, *target)
         return {
-            "init_image": image, "mask": None if self.mask is None else self.mask.convert("L"),
+            "init_image": image if self.inpaint_full_res else resize(image, mode, width, height), "mask": mask,
             "strength": DEFAULT_STRENGTH if self.strength is None else self.strength,
-            "width": self.width or image.width, "height": self.height or image.height,
+            "width": width, "height": height, "resize_mode": mode,
         }
 
     def _check(self, manifest: Manifest) -> None:
-        if not isinstance(self.prompt, str) or not isinstance(self.negative_prompt, str):
-            raise RequestError("prompt and negative prompt must be strings")
+        if not isinstance(self.batch_size, int) or not 1 <= self.batch_size <= manifest.shapes.max_batch:
+            raise RequestError(f"batch size must be from 1 to {manifest.shapes.max_batch}, got {self.batch_size!r}")
+        if not all(isinstance(text, str) for text in (*self.prompts(), *self.negative_prompts())):
+            raise RequestError("prompt and negative prompt must be strings (or lists of strings)")
         _check_size(manifest, "width", self.width)
         _check_size(manifest, "height", self.height)
         _check_exported_size(manifest, self.width, self.height)
@@ -95,10 +155,12 @@ class GenerationRequest:
         if not isinstance(self.guidance_scale, (int, float)) or not math.isfinite(self.guidance_scale) \
                 or self.guidance_scale < 0:
             raise RequestError(f"guidance scale must be a finite number >= 0, got {self.guidance_scale!r}")
-        if not isinstance(self.batch_size, int) or not 1 <= self.batch_size <= manifest.shapes.max_batch:
-            raise RequestError(f"batch size must be from 1 to {manifest.shapes.max_batch}, got {self.batch_size!r}")
-        if not isinstance(self.seed, int) or not 0 <= self.seed < MAX_SEED - self.batch_size:
-            raise RequestError(f"seed must be an integer from 0 to 2**64 - 1 - batch size, got {self.seed!r}")
+        if not isinstance(self.n_iter, int) or not 1 <= self.n_iter <= MAX_ITERATIONS:
+            raise RequestError(f"n_iter (batch count) must be an integer from 1 to {MAX_ITERATIONS}, got {self.n_iter!r}")
+        images = self.batch_size * self.n_iter
+        if not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED - images:
+            raise RequestError(f"seed must be -1 (random) or an integer from 0 to 2**64 - batch size x n_iter, "
+                               f"got {self.seed!r}")
         if self.seed_mode not in SEED_MODES:
             raise RequestError(f"seed mode must be one of {', '.join(SEED_MODES)}, got {self.seed_mode!r}")
         if self.eta is not None and not 0.0 <= self.eta <= 1.0:
@@ -125,9 +187,6 @@ class GenerationRequest:
             raise RequestError("img2img needs a bundle with a vae_encoder")
         if not isinstance(self.strength, (int, float)) or not 0.0 < self.strength <= 1.0:
             raise RequestError(f"strength must be within (0, 1], got {self.strength!r}")
-        w, h = self.init_image.size
-        if not self.inpaint_full_res and (w, h) != (self.width, self.height):
-            raise RequestError(f"init image: expected {self.width}x{self.height} (the request size), got {w}x{h}")
         self._check_mask(extra)
 
     def _check_mask(self, extra: int) -> None:
@@ -137,10 +196,6 @@ class GenerationRequest:
             if self.mask_blur or self.inpaint_full_res:
                 raise RequestError("mask blur and only-masked inpainting need a mask")
             return
-        if self.mask.size != self.init_image.size:
-            w, h = self.init_image.size
-            mw, mh = self.mask.size
-            raise RequestError(f"mask: expected {w}x{h} (the init image's size), got {mw}x{mh}")
         for what, value in (("mask blur", self.mask_blur), ("padding", self.inpaint_full_res_padding)):
             if not isinstance(value, int) or value < 0:
                 raise RequestError(f"{what} must be an integer >= 0, got {value!r}")

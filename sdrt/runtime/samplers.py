@@ -26,11 +26,11 @@ from .samplers_multistep import sample_deis, sample_dpmpp_2m, sample_dpmpp_2m_sd
 from .samplers_two_stage import (
     sample_dpm_2, sample_dpm_2_ancestral, sample_dpmpp_2s_ancestral, sample_dpmpp_sde, sample_heun,
 )
-from .schedules import build_schedule, honours
+from .schedules import SCHEDULER_ORDER, build_schedule, honours
 
 __all__ = [
     "SAMPLERS", "SCHEDULE_TYPES", "SamplerSpec", "ScheduleType", "resolve_sampler", "make_schedule", "sample",
-    "sampler_label", "schedule_label", "scheduler_for", "schedule_types_for",
+    "sampler_label", "schedule_label", "scheduler_for", "schedule_types_for", "step_count",
 ]
 
 
@@ -181,6 +181,17 @@ def sample(
     fn = SAMPLERS[_split(resolve_sampler(name))[0]].fn
     takes_eta = "eta" in inspect.signature(fn).parameters
     return fn(model, x, schedule, noise, **({"eta": eta} if eta is not None and takes_eta else {}))
+
+
+def step_count(name: str, evaluations: int) -> tuple[int, Callable[[int], int]]:
+    """(sampler steps, steps done after model evaluation i) of a schedule of `evaluations` model calls: progress
+    counts steps, not calls. Two-stage samplers (Heun, DPM2...) call the model twice per step but once on the last;
+    PNDM calls it once more than it steps (its second timestep is evaluated twice, PNDMScheduler.set_timesteps)."""
+    scheduler = scheduler_for(name)[0]
+    calls = SCHEDULER_ORDER.get(scheduler, 1)
+    extra = 1 if scheduler == "PNDMScheduler" and evaluations > 1 else 0
+    steps = -(-(evaluations - extra) // calls)
+    return steps, lambda i: steps if i >= evaluations else max(0, i - extra) // calls
 
 
 def sampler_label(name: str) -> str:

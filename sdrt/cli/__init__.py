@@ -1,0 +1,54 @@
+"""The `sdrt` command: one module per subcommand. The only package that prints, configures logging or exits."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from sdrt import __version__
+from sdrt.cli import build, generate, info
+from sdrt.cli.info import describe
+from sdrt.errors import SdrtError
+
+__all__ = ["main", "build_parser", "describe"]
+
+EXIT_USAGE = 2  # bad input: argparse's own convention, reused for every SdrtError
+COMMANDS = (generate, build, info)  # each adds its subcommands with add_parsers(subparsers, common)
+
+
+def _common_options() -> argparse.ArgumentParser:
+    """Options every subcommand takes anywhere on the line (`sdrt generate ... -v`)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _common_options()
+    parser = argparse.ArgumentParser(prog="sdrt", description="Stable Diffusion, exported and run anywhere.",
+                                     parents=[common])
+    parser.add_argument("--version", action="version", version=f"sdrt {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.add_parsers(sub, common)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    verbose = getattr(args, "verbose", False)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO if args.command in ("export", "convert") else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.run(args)
+    except SdrtError as e:
+        print(f"sdrt: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:  # `sdrt info | head`: the reader left; nothing more to say
+        sys.stdout = None
+        return 0
+    except KeyboardInterrupt:
+        print("sdrt: interrupted", file=sys.stderr)
+        return 130
