@@ -254,6 +254,18 @@ def test_coreml_backend_is_one_line_exit_2_off_macos(coreml_shapes_bundle, tmp_p
     assert rc == 2 and err.count("\n") == 1 and "Core ML runs on macOS only" in err
 
 
+@pytest.mark.skipif(sys.platform == "darwin", reason="the refusal is for every OS but macOS")
+def test_the_coreml_backend_imports_no_torch(coreml_shapes_bundle, tmp_path):
+    import subprocess
+
+    from test_torch_free import BLOCKED, SCRIPT
+
+    script = SCRIPT.format(blocked=BLOCKED, bundle=str(coreml_shapes_bundle), out=str(tmp_path / "o.png"))
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "Core ML runs on macOS only" in proc.stderr
+    assert "LEAKED []" in proc.stdout
+
+
 def test_export_options_are_checked(tmp_path, capsys):
     from conftest import SHIPPED_SOURCE
 
