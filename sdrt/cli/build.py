@@ -10,7 +10,6 @@ EXPORT_EXAMPLES = """examples:
   sdrt export ./stable-diffusion-v1-5 -o sd15                     # a diffusers folder -> ONNX bundle
   sdrt export v1-5-pruned-emaonly.safetensors -o sd15 --weights-storage fp16
   sdrt export ./stable-diffusion-v1-5 -o sd15-ov --target openvino --weights int8
-  sdrt export ./stable-diffusion-v1-5 -o sd15-mac --target coreml --sizes 512x768 --compress palette6
 """
 CONVERT_EXAMPLES = """examples:
   sdrt convert sd15 -o sd15-ov --target openvino                  # fp32 IR, gated by image PSNR
