@@ -178,7 +178,7 @@ def _convert(source, name: str, root, attention: str = "split_einsum", mode: str
     info = model_info(model, None)
     exported = exported_sizes(model, info.default_size, info.vae_scale_factor, sizes)
     job = next(j for j in plan(model, source, attention, exported, info.vae_scale_factor, True) if j.name == name)
-    return convert_component(job, root, info.vae_scale_factor, attention, mode)
+    return convert_component(job, root, attention, mode)
 
 
 def test_palettized_weights_are_6_bit(tmp_path):

@@ -86,12 +86,7 @@ def export_coreml(
     weights, refused below an image PSNR of 30 dB against fp16 weights. A TAESD is not converted (yet).
     """
     attention = attention or DEFAULT_ATTENTION
-    if taesd is not None:
-        raise ExportError("--taesd: the tiny decoder is not converted to Core ML yet; export without it")
-    if attention not in ATTENTIONS:
-        raise ExportError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
-    if compression is not None and compression not in COMPRESSIONS:
-        raise ExportError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
+    _check_options(attention, compression, taesd)
     with BundleWriter(out, overwrite=overwrite) as writer:
         model = load_source(source, original_config, prediction_type)
         info = model_info(model, prediction_type)
@@ -100,8 +95,7 @@ def export_coreml(
         components, weights = {}, {}
         for job in conversions:
             mode = compression if job.name in COMPRESSED_COMPONENTS else None
-            components[job.name], weights[job.name] = convert_component(job, writer.path, info.vae_scale_factor,
-                                                                        attention, mode)
+            components[job.name], weights[job.name] = convert_component(job, writer.path, attention, mode)
         tokenizer = write_tokenizer(model, writer.path, components["text_encoder"])
         manifest = Manifest(
             model=info, components=components, scheduler={**model.scheduler, "prediction_type": info.prediction_type},
@@ -112,6 +106,15 @@ def export_coreml(
             record = image_psnr(writer.path, manifest, {j.name: j.module for j in conversions}, weights, compression)
             manifest = replace(manifest, source={**manifest.source, "compression": record})
         return writer.commit(manifest)
+
+
+def _check_options(attention: str, compression: str | None, taesd) -> None:
+    if taesd is not None:
+        raise ExportError("--taesd: the tiny decoder is not converted to Core ML yet; export without it")
+    if attention not in ATTENTIONS:
+        raise ExportError(f"attention must be one of {', '.join(ATTENTIONS)}, got {attention!r}")
+    if compression is not None and compression not in COMPRESSIONS:
+        raise ExportError(f"compression must be one of {', '.join(COMPRESSIONS)}, got {compression!r}")
 
 
 def _size_multiple(model: SourceModel, vae_scale_factor: int) -> int:
@@ -172,21 +175,14 @@ def static_dims(spec: ComponentSpec, sizes, vae_scale_factor: int, sequence: int
     return tuple(out)
 
 
-def convert_component(job: Conversion, root: Path, vae_scale_factor: int, attention: str, mode: str | None
-                      ) -> tuple[Component, dict]:
+def convert_component(job: Conversion, root: Path, attention: str, mode: str | None) -> tuple[Component, dict]:
     """Validate the Core ML form in torch, convert (compressing by `mode`), check and save
     `root/<name>/model.mlpackage`; returns the manifest entry and the decompressed weights by torch parameter name
     (for the image measurement)."""
     start = time.perf_counter()
     inputs = [sample_inputs(job.spec, dims, torch.Generator().manual_seed(VALIDATION_SEED)) for dims in job.dims]
     expected = torch_outputs(job.spec.module, inputs)
-    rewrites = check_rewrites(*job.rewrite, lambda: job.spec.module(*inputs[0])) if job.rewrite else {}
-    traced, form_psnr = trace(job, inputs, expected)
-    validation = {
-        "reference": "torch (diffusers' modules), fp32", "attention": attention if job.rewrite else None,
-        "rewrite": rewrites, "form_psnr_db": form_psnr, "min_psnr_db": MIN_PSNR_DB,
-        "shapes_checked": [{n: list(a.shape) for n, a in zip(job.spec.contract.input_names, args)} for args in inputs],
-    }
+    traced, validation = validate_in_torch(job, inputs, expected, attention)
     rel = f"{job.name}/{PACKAGE}"
     (root / job.name).mkdir(parents=True, exist_ok=True)
     convert(job, traced, mode).save(str(root / rel))
@@ -207,6 +203,18 @@ def convert_component(job: Conversion, root: Path, vae_scale_factor: int, attent
         shapes=job.dims,
     )
     return component, weights
+
+
+def validate_in_torch(job: Conversion, inputs: list, expected: list, attention: str
+                      ) -> tuple[torch.jit.ScriptModule, dict]:
+    """The rewritten modules one by one, then the traced Core ML form at every shape, against diffusers'."""
+    rewrites = check_rewrites(*job.rewrite, lambda: job.spec.module(*inputs[0])) if job.rewrite else {}
+    traced, form_psnr = trace(job, inputs, expected)
+    return traced, {
+        "reference": "torch (diffusers' modules), fp32", "attention": attention if job.rewrite else None,
+        "rewrite": rewrites, "form_psnr_db": form_psnr, "min_psnr_db": MIN_PSNR_DB,
+        "shapes_checked": [{n: list(a.shape) for n, a in zip(job.spec.contract.input_names, args)} for args in inputs],
+    }
 
 
 def trace(job: Conversion, inputs: list, expected: list) -> tuple[torch.jit.ScriptModule, float | None]:

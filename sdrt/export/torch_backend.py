@@ -37,10 +37,10 @@ class TorchBackend:
     """Serves each component from the given wrapper modules, whatever format the bundle stores it in."""
 
     name = "torch"
+    formats: tuple[str, ...] = ()  # chosen explicitly, never by a bundle's formats
 
     def __init__(self, modules: Mapping[str, nn.Module], label: str = "torch fp32"):
         self.modules, self.label = dict(modules), label
-        self.formats = ()
 
     def load(self, bundle: Path, component: Component) -> TorchSession:
         if component.name not in self.modules:
