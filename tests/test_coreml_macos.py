@@ -24,25 +24,24 @@ COMPUTE_UNITS = ("cpu_and_ne", "cpu_and_gpu", "all")
 WIDE = (96, 64)  # a second, enumerated size
 
 
-def _export(tmp_path_factory, name: str, **options):
+@pytest.fixture(scope="module")
+def coreml_bundle(tmp_path_factory):
+    """The shipped model's source as a Core ML bundle with the given attention, at its own size and WIDE (each
+    exported once)."""
     pytest.importorskip("coremltools")
     pytest.importorskip("torch")
     from conftest import SHIPPED_SOURCE
     from sdrt.export.coreml import export_coreml
 
-    out = tmp_path_factory.mktemp("bundles") / name
-    export_coreml(SHIPPED_SOURCE, out, sizes=(WIDE,), **options)
-    return out
+    bundles = {}
 
+    def bundle(attention: str = "split_einsum"):
+        if attention not in bundles:
+            bundles[attention] = tmp_path_factory.mktemp("bundles") / f"coreml-{attention}"
+            export_coreml(SHIPPED_SOURCE, bundles[attention], attention=attention, sizes=(WIDE,))
+        return bundles[attention]
 
-@pytest.fixture(scope="module")
-def split_einsum_bundle(tmp_path_factory):
-    return _export(tmp_path_factory, "coreml-split-einsum")
-
-
-@pytest.fixture(scope="module")
-def original_bundle(tmp_path_factory):
-    return _export(tmp_path_factory, "coreml-original", attention="original")
+    return bundle
 
 
 def _images(bundle, request, backend: str, **options):
@@ -65,34 +64,34 @@ def onnx_images():
     return draw
 
 
-def test_every_package_predicts_what_torch_computes(split_einsum_bundle):
+def test_every_package_predicts_what_torch_computes(coreml_bundle):
     from sdrt.bundle import read_manifest
 
-    for c in read_manifest(split_einsum_bundle).components.values():
+    for c in read_manifest(coreml_bundle()).components.values():
         prediction = c.validation["prediction"]
         assert prediction["psnr_db"] is None or prediction["psnr_db"] >= MIN_PSNR_DB, c.name
 
 
 @pytest.mark.parametrize("units", COMPUTE_UNITS)
-def test_split_einsum_draws_the_onnx_runtime_image(split_einsum_bundle, onnx_images, units, tmp_path):
-    got = _images(split_einsum_bundle, GATE_REQUEST, "coreml", compute_units=units, cache_dir=tmp_path)
+def test_split_einsum_draws_the_onnx_runtime_image(coreml_bundle, onnx_images, units, tmp_path):
+    got = _images(coreml_bundle(), GATE_REQUEST, "coreml", compute_units=units, cache_dir=tmp_path)
     assert psnr(onnx_images(replace(GATE_REQUEST, width=64, height=64))[0], got[0]) >= MIN_PSNR_DB
 
 
-def test_original_attention_on_the_gpu(original_bundle, onnx_images, tmp_path):
-    got = _images(original_bundle, GATE_REQUEST, "coreml", compute_units="cpu_and_gpu", cache_dir=tmp_path)
+def test_original_attention_on_the_gpu(coreml_bundle, onnx_images, tmp_path):
+    got = _images(coreml_bundle("original"), GATE_REQUEST, "coreml", compute_units="cpu_and_gpu", cache_dir=tmp_path)
     assert psnr(onnx_images(replace(GATE_REQUEST, width=64, height=64))[0], got[0]) >= MIN_PSNR_DB
 
 
-def test_enumerated_size_and_a_batch_split_into_guidance_pairs(split_einsum_bundle, onnx_images, tmp_path):
+def test_enumerated_size_and_a_batch_split_into_guidance_pairs(coreml_bundle, onnx_images, tmp_path):
     request = replace(GATE_REQUEST, width=WIDE[0], height=WIDE[1], batch_size=2)
-    got = _images(split_einsum_bundle, request, "coreml", cache_dir=tmp_path)
+    got = _images(coreml_bundle(), request, "coreml", cache_dir=tmp_path)
     for want, have in zip(onnx_images(request), got, strict=True):
         assert psnr(want, have) >= MIN_PSNR_DB
 
 
-def test_packages_compile_once(split_einsum_bundle, tmp_path):
-    _images(split_einsum_bundle, GATE_REQUEST, "coreml", cache_dir=tmp_path)
+def test_packages_compile_once(coreml_bundle, tmp_path):
+    _images(coreml_bundle(), GATE_REQUEST, "coreml", cache_dir=tmp_path)
     first = sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".entry"))
-    _images(split_einsum_bundle, GATE_REQUEST, "coreml", cache_dir=tmp_path)
+    _images(coreml_bundle(), GATE_REQUEST, "coreml", cache_dir=tmp_path)
     assert first and sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".entry")) == first

@@ -218,8 +218,3 @@ def _replaced(model: nn.Module, class_name: str, make, attention: str) -> nn.Mod
         setattr(model.get_submodule(parent), child, make(module))
     return model.eval()
 
-
-def rewritten_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The rewritten modules of a `rewrite_unet` / `rewrite_vae` result by name (for per-module validation)."""
-    kinds = (ConvSpatialTransformer, ConvSpatialSelfAttention, ConvAttention, ChannelLayerNorm, ConvFeedForward)
-    return {name: m for name, m in model.named_modules() if isinstance(m, kinds)}

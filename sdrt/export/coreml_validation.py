@@ -12,13 +12,7 @@ import torch
 from torch import nn
 
 from sdrt.errors import ExportError
-from sdrt.export.coreml_rewrites import (
-    ChannelLayerNorm,
-    ConvAttention,
-    ConvFeedForward,
-    ConvSpatialSelfAttention,
-    ConvSpatialTransformer,
-)
+from sdrt.export.coreml_rewrites import ConvAttention, ConvSpatialSelfAttention, ConvSpatialTransformer
 
 log = logging.getLogger(__name__)
 
