@@ -37,12 +37,17 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class ShapeRange:
-    """Image sizes the exported graphs accept: multiples of `multiple_of` in [min_size, max_size]."""
+    """Image sizes the exported graphs accept: multiples of `multiple_of` in [min_size, max_size], and when `sizes`
+    lists (width, height) pairs, only those (engines that compile static shapes, such as Core ML)."""
 
     min_size: int = 64
     max_size: int = 2048
     multiple_of: int = 8
     max_batch: int = 16
+    sizes: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self):  # JSON brings the pairs back as lists
+        object.__setattr__(self, "sizes", tuple((int(w), int(h)) for w, h in self.sizes))
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,9 @@ class Component:
     # Where each torch parameter is in `file` (sdrt.weights_map; a file listed in `files`); "" in bundles exported
     # before weights maps.
     weights_map: str = ""
+    # The axis sizes a static-shape file was built for (one dict of contract axis -> size per shape), for engines
+    # that cannot reshape it (Core ML); empty: any size the contract allows. Written only when not empty.
+    shapes: tuple[dict[str, int], ...] = ()
     # The sha256 of every bundle file the component's engine opens, from the manifest, which verify_files checks:
     # the content identity engine caches key on. Filled by Manifest.from_dict, not written.
     checksums: dict[str, str] = field(default_factory=dict, compare=False)
@@ -113,6 +121,7 @@ class Component:
         storage = {"weights_storage": self.weights_storage} if self.weights_storage != "fp32" else {}
         if self.weights_map:
             storage["weights_map"] = self.weights_map
+        shapes = {"shapes": [dict(s) for s in self.shapes]} if self.shapes else {}
         d = {
             "file": self.file,
             **({"files": list(self.files)} if self.files else {}),
@@ -120,6 +129,7 @@ class Component:
             "precision": self.precision,
             **storage,
             "contract": self.contract.to_dict(),
+            **shapes,
             "validation": self.validation,
         }
         if self.variants:
@@ -141,6 +151,7 @@ class Component:
             tuple(d.get("files", ())),
             d.get("tables", {}),
             d.get("weights_map", ""),
+            tuple(d.get("shapes", ())),
             variants={k: Variant.from_dict(v) for k, v in d.get("variants", {}).items()},
         )
 
@@ -244,7 +255,7 @@ def verify_files(bundle: Path | str, manifest: Manifest, *, remembered: bool = T
 
     root = Path(bundle)
     for comp in manifest.components.values():
-        for rel in filter(None, (*comp.model_files, comp.weights_map)):
+        for rel in filter(None, (*(v.file for v in comp.variants.values()), comp.weights_map)):
             if rel not in manifest.files:
                 raise BundleError(f"component {comp.name}'s file {printable(rel)} has no checksum in the manifest")
     verified = VerifiedFiles() if remembered else None

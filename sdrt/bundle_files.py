@@ -65,7 +65,9 @@ def _onnx_external_data(root: Path, rel: str) -> list[str]:
 
 
 # Per component format: the file name ending its engines expect, and the other files they open.
-SUFFIXES = {"onnx": ".onnx", "openvino": ".xml"}
+SUFFIXES = {"onnx": ".onnx", "openvino": ".xml", "coreml": ".mlpackage"}
+# Formats whose `file` is a folder the engine reads whole (a Core ML .mlpackage): it opens every file inside.
+FOLDER_FORMATS = frozenset({"coreml"})
 COMPANIONS: dict[str, Callable[[Path, str], list[str]]] = {"onnx": _onnx_external_data, "openvino": _ir_weights}
 
 
@@ -76,10 +78,23 @@ def opened_files(root: Path, component) -> list[str]:
     if suffix and not rel.endswith(suffix):
         raise BundleError(f"component {component.name}: a {component.format} file must end in {suffix}, got "
                           f"{printable(rel)}")
+    if component.format in FOLDER_FORMATS:
+        return _folder_files(Path(root), rel)
     if not (Path(root) / rel).is_file():
         raise BundleError(f"bundle {printable(root)} is missing {printable(rel)}")
     companions = COMPANIONS.get(component.format)
     return [rel, *(companions(Path(root), rel) if companions else [])]
+
+
+def _folder_files(root: Path, rel: str) -> list[str]:
+    """Every file in the folder `rel` (the bundle's tree check has already refused links and special files)."""
+    folder = root / rel
+    if not folder.is_dir():
+        raise BundleError(f"bundle {printable(root)} is missing the folder {printable(rel)}")
+    files = sorted(p.relative_to(root).as_posix() for p in folder.rglob("*") if p.is_file())
+    if not files:
+        raise BundleError(f"bundle {printable(root)}: {printable(rel)} is an empty folder")
+    return files
 
 
 def check_opened(root: Path, manifest) -> None:

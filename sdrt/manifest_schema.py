@@ -66,7 +66,11 @@ MODEL = Record({
     "kind": LABEL,
 }, required=("family", "prediction_type", "latent_scale_factor"))
 
-SHAPES = Record({"min_size": SIDE, "max_size": SIDE, "multiple_of": _int(1, 1024), "max_batch": _int(1, MAX_BATCH)})
+SHAPES = Record({
+    "min_size": SIDE, "max_size": SIDE, "multiple_of": _int(1, 1024), "max_batch": _int(1, MAX_BATCH),
+    # (width, height) pairs: the only sizes of bundles compiled for static shapes (Core ML); empty: any in range.
+    "sizes": ListOf(ListOf(SIDE, 2, 2), 0, 64),
+})
 
 TOKENIZER = Record({
     "vocab": PATH, "merges": PATH, "max_length": _int(2, 1024), "pad_token": Text(pattern=r".+", max_len=64),
@@ -129,6 +133,9 @@ COMPONENT = Record({
     # Arrays beside the graph the runtime builds inputs from (the text encoder's token_embedding): name -> .npy.
     "tables": MapOf(Text(pattern=r"[a-z][a-z0-9_]*", what="a table name", max_len=64), PATH, max_items=16),
     "weights_map": PATH,  # where each torch parameter is in `file` (sdrt.weights_map), for LoRA
+    # The axis sizes a static-shape file was built for, one dict per shape (Core ML).
+    "shapes": ListOf(MapOf(Text(pattern=r"[a-z_]+", what="an axis name", max_len=32), _int(1, 1 << 20), max_items=16),
+                     0, 64),
     # The same graph in other precisions (fp16 for GPU engines), by precision.
     "variants": MapOf(LABEL, Record({"file": PATH, "precision": LABEL, "validation": COMPONENT_VALIDATION},
                                     required=("file", "precision")), max_items=8),

@@ -1,6 +1,8 @@
 """Shared fixtures: one tiny random SD1 diffusers folder and its exported bundle, built once per test session."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 
@@ -120,6 +122,22 @@ def tiny_sd1_openvino_bundle(tiny_sd1_bundle, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("ov") / "tiny-ov"
     convert_bundle(tiny_sd1_bundle, out)
+
+
+# The shipped model's diffusers folder (the source sdrt/models/sdrt-shapes was exported from).
+SHIPPED_SOURCE = Path(__file__).resolve().parent.parent / "models" / "sdrt-shapes"
+
+
+@pytest.fixture(scope="session")
+def coreml_shapes_bundle(tmp_path_factory):
+    """The shipped model's source as a Core ML bundle: the defaults (split_einsum attention, the model's own size),
+    int8 weights. Enumerated sizes and palettes cost more to convert: tests/test_coreml.py converts single
+    components with them."""
+    pytest.importorskip("coremltools")
+    from sdrt.export.coreml import export_coreml
+
+    out = tmp_path_factory.mktemp("bundles") / "shapes-coreml"
+    export_coreml(SHIPPED_SOURCE, out, compression="int8")
     return out
 
 
@@ -169,4 +187,14 @@ def tiny_torch_bundle(tiny_sd1_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-sd1-torch"
     assert main(["export", str(tiny_sd1_dir), "-o", str(out), "--target", "torch"]) == 0
+
+
+def coreml_tiny_bundle(tiny_sd1_safety_dir, tmp_path_factory):
+    """The tiny SD1 folder with its safety checker as a Core ML bundle: original attention, int8 weights (slow tier:
+    the default tier converts its cheap components one by one)."""
+    pytest.importorskip("coremltools")
+    from sdrt.export.coreml import export_coreml
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-coreml"
+    export_coreml(tiny_sd1_safety_dir, out, attention="original", compression="int8")
     return out

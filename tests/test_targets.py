@@ -38,9 +38,9 @@ def test_an_option_the_target_does_not_read_is_refused_by_flag():
 
 
 def test_unknown_and_unconvertible_targets():
-    with pytest.raises(ExportError, match="unknown target 'nope'; choose one of: onnx, openvino, torch"):
+    with pytest.raises(ExportError, match="unknown target 'nope'; choose one of: onnx, openvino, tensorrt, torch, coreml"):
         get_target("nope")
-    with pytest.raises(ExportError, match="choose one of: openvino"):
+    with pytest.raises(ExportError, match="choose one of: openvino, tensorrt$"):
         get_target("onnx", convertible=True)
     with pytest.raises(ExportError, match="built from the checkpoint: sdrt export SOURCE --target onnx"):
         convert(TARGETS["onnx"], "b", "o")

@@ -11,13 +11,18 @@ from sdrt.errors import BackendError
 
 
 class Entry(NamedTuple):
-    """Where a backend lives, the pip distribution that provides its engine, and the component formats it runs."""
+    """Where a backend lives, the module that provides its engine, and the component formats it runs."""
 
     module: str
     cls: str
-    dist: str  # also the name of the sdrt extra that installs it
+    dist: str  # the pip distribution that provides the engine (by default also sdrt's extra for it)
     formats: tuple[str, ...]  # as the class's `formats`, stated here so choosing one imports no engine
     modules: tuple[str, ...] = ()  # import names any of which provides the engine (default: `dist`)
+    extra: str = ""  # sdrt's pip extra that installs it, when not named as `dist`
+
+    @property
+    def install(self) -> str:
+        return f"pip install 'sdrt[{self.extra or self.dist}]'"
 
 
 # In order of preference: the first installed backend that runs a bundle's formats is the default.
@@ -28,6 +33,7 @@ _REGISTRY: dict[str, Entry] = {
     "tensorrt": Entry("sdrt.backends.tensorrt", "TensorRtBackend", "tensorrt-rtx", ("onnx",),
                       ("tensorrt_rtx", "tensorrt")),
     "torch": Entry("sdrt.backends.torch", "TorchBackend", "torch", ("torch",)),
+    "coreml": Entry("sdrt.backends.coreml", "CoreMLBackend", "coremltools", ("coreml",), extra="coreml"),
 }
 
 __all__ = ["Backend", "Session", "WeightDeltas", "available_backends", "get_backend", "backend_names"]
@@ -65,7 +71,7 @@ def get_backend(name: str | None = None, formats: Iterable[str] = (), **options)
         raise BackendError(f"unknown backend {name!r}; choose one of: {', '.join(_REGISTRY)}")
     entry = _REGISTRY[name]
     if not _engine_installed(name):
-        raise BackendError(f"backend {name!r} needs the {entry.dist} package: pip install 'sdrt[{entry.dist}]'")
+        raise BackendError(f"backend {name!r} needs the {entry.dist} package: {entry.install}")
     cls = getattr(importlib.import_module(entry.module), entry.cls)
     _check_options(name, cls, options, chosen)
     return cls(**options)
@@ -75,12 +81,11 @@ def _default_backend(formats: set[str]) -> str:
     names = available_backends(formats)
     if names:
         return names[0]
-    engines = [e.dist for e in _REGISTRY.values() if formats <= set(e.formats)]
+    engines = [e.install for e in _REGISTRY.values() if formats <= set(e.formats)]
     if not engines:
         raise BackendError(f"no sdrt backend runs components stored as {', '.join(sorted(formats))}")
     raise BackendError(
-        f"no inference engine for {', '.join(sorted(formats)) or 'bundles'} is installed: "
-        + " or ".join(f"pip install 'sdrt[{d}]'" for d in engines)
+        f"no inference engine for {', '.join(sorted(formats)) or 'bundles'} is installed: " + " or ".join(engines)
     )
 
 

@@ -109,14 +109,14 @@ def _convert(args) -> int:
 
 
 def print_bundle(output: Path, manifest) -> None:
-    from sdrt.cli.info import psnr_text, storage_text, variant_text
+    from sdrt.cli.info import check_text, psnr_text, storage_text, variant_text
 
     print(f"{printable(output)}: {len(manifest.components)} components, {len(manifest.files)} files")
     for comp in manifest.components.values():
-        v = comp.validation
-        print(f"  {comp.name}: {comp.format} {comp.precision}{storage_text(comp)}, export max abs error "
-              f"{v.get('max_abs_error', float('nan')):.2e} (tolerance {v.get('tolerance')})")
+        print(f"  {comp.name}: {comp.format} {comp.precision}{storage_text(comp)}, {check_text(comp.validation)}")
         for variant in comp.variants.values():
             print(f"    {variant_text(variant)}")
     if "validation" in manifest.source:
         print(f"  image: {psnr_text(manifest.source['validation'])}")
+    if "compression" in manifest.source:
+        print(f"  compressed weights: {psnr_text(manifest.source['compression'], 'uncompressed weights')}")

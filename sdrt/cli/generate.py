@@ -84,6 +84,9 @@ def _add_engine_options(p) -> None:
     g.add_argument("--shapes", choices=["static", "dynamic"], help="tensorrt: engines for each request's exact "
                    "shapes (default, fastest) or one engine for 256-1024 px, 1-8 images, prompts up to 4 chunks")
     g.add_argument("--hint", choices=["latency", "throughput"], help="openvino: performance hint (default latency)")
+    g.add_argument("--compute-units", choices=["cpu_and_ne", "cpu_and_gpu", "all", "cpu_only"], help="coreml: where "
+                   "Core ML runs the models (default cpu_and_ne: the Neural Engine; cpu_and_gpu for original-attention "
+                   "bundles on Max and Ultra Macs)")
     g.add_argument("--threads", type=int, metavar="N", help="CPU threads for the engine (default: one per core)")
     g.add_argument("--no-cache", dest="cache", action="store_false", default=None,
                    help="neither use nor fill the compiled-model cache for this run")
@@ -165,7 +168,7 @@ def _request(args, prompt: str):
 
 def _engine_options(args) -> dict:
     given = {"device": args.device, "precision": args.precision, "hint": args.hint, "cache": args.cache,
-             "threads": args.threads, "shapes": args.shapes}
+             "threads": args.threads, "shapes": args.shapes, "compute_units": args.compute_units}
     return {k: v for k, v in given.items() if v is not None}
 
 

@@ -44,7 +44,7 @@ def describe(root: Path, manifest) -> str:
         f"bundle     {root} (format {manifest.format_version}, {size / 2**20:.1f} MiB)",
         f"model      {m.name or '?'}: family {m.family}, prediction {m.prediction_type}, "
         f"latent scale {m.latent_scale_factor}, default {m.default_size}x{m.default_size}",
-        f"sizes      multiples of {s.multiple_of} from {s.min_size} to {s.max_size}, batch up to {s.max_batch}",
+        f"sizes      {sizes_text(s)}, batch up to {s.max_batch}",
         f"scheduler  {manifest.scheduler.get('_class_name', '?')}",
         f"tokenizer  max {manifest.tokenizer.max_length} tokens, pad {manifest.tokenizer.pad_token!r}",
         f"source     {manifest.source.get('kind', '?')} {Path(manifest.source.get('path', '')).name} "
@@ -56,10 +56,12 @@ def describe(root: Path, manifest) -> str:
         origin, check = manifest.source["converted_from"], manifest.source.get("validation", {})
         lines.insert(-2, f"converted  from {origin.get('format')} bundle {origin.get('manifest_sha256', '?')[:10]}: "
                          f"{psnr_text(check)}")
+    if "compression" in manifest.source:
+        lines.insert(-1, f"compressed {manifest.source['compression'].get('mode')} weights: "
+                         f"{psnr_text(manifest.source['compression'], 'uncompressed weights')}")
     for c in manifest.components.values():
-        err = c.validation.get("max_abs_error")
-        check = f"max abs error {err:.2e} <= {c.validation.get('tolerance')}" if err is not None else "not validated"
-        lines.append(f"  {c.name:<13} {c.file} ({c.format}, {c.precision}{storage_text(c)}; {check})")
+        lines.append(f"  {c.name:<13} {c.file} ({c.format}, {c.precision}{storage_text(c)}; "
+                     f"{check_text(c.validation)})")
         lines.extend(f"      {variant_text(v)}" for v in c.variants.values())
         for kind, specs in (("in ", c.contract.inputs), ("out", c.contract.outputs)):
             for t in specs:
@@ -68,9 +70,28 @@ def describe(root: Path, manifest) -> str:
     return "\n".join(printable(line) for line in lines)
 
 
-def psnr_text(v: dict) -> str:
+def psnr_text(v: dict, reference: str | None = None) -> str:
     measured = "identical" if v.get("psnr_db") is None else f"PSNR {v['psnr_db']:.2f} dB"
-    return f"{measured} against the {v.get('reference', '?')} (minimum {v.get('min_psnr_db')} dB)"
+    return f"{measured} against the {reference or v.get('reference', '?')} (minimum {v.get('min_psnr_db')} dB)"
+
+
+def check_text(v: dict) -> str:
+    """How an export was checked: ONNX's max abs error against torch, or Core ML's PSNR checks."""
+    if v.get("max_abs_error") is not None:
+        return f"max abs error {v['max_abs_error']:.2e} <= {v.get('tolerance')}"
+    if "form_psnr_db" in v:
+        form = "identical" if v["form_psnr_db"] is None else f"PSNR {v['form_psnr_db']:.1f} dB"
+        predicted = v.get("prediction")
+        predicted = predicted if isinstance(predicted, str) else f"PSNR {predicted.get('psnr_db')} dB"
+        return f"torch form {form} (minimum {v.get('min_psnr_db')}); Core ML prediction: {predicted}"
+    return "not validated"
+
+
+def sizes_text(s) -> str:
+    """The image sizes a bundle runs: a range, or exactly the sizes a static-shape engine was built for."""
+    if s.sizes:
+        return f"exactly {', '.join(f'{w}x{h}' for w, h in s.sizes)} (built for these only)"
+    return f"multiples of {s.multiple_of} from {s.min_size} to {s.max_size}"
 
 
 def storage_text(component) -> str:

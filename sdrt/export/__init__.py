@@ -7,7 +7,11 @@ from __future__ import annotations
 import importlib
 
 # public name -> the submodule defining it, imported on first access (PEP 562).
-_LAZY = {"export_bundle": "sdrt.export.exporter", "convert_bundle": "sdrt.export.openvino"}
+_LAZY = {
+    "export_bundle": "sdrt.export.exporter",
+    "convert_bundle": "sdrt.export.openvino",
+    "export_coreml": "sdrt.export.coreml",
+}
 
 __all__ = list(_LAZY)
 

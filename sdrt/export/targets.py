@@ -70,6 +70,14 @@ WEIGHTS_STORAGE = Option(
 )
 OPSET = Option("--opset", "opset", "ONNX opset (default 17)", default=17, type=int)
 
+
+def image_sizes(text: str) -> tuple[tuple[int, int], ...]:
+    """"512x768,640" -> ((512, 768), (640, 640)): WIDTHxHEIGHT pairs, or N for NxN."""
+    pairs = [item.strip().lower().split("x") for item in text.split(",") if item.strip()]
+    if not pairs or any(len(p) > 2 for p in pairs):
+        raise ValueError(f"expected sizes such as 512x768,640, got {text!r}")
+    return tuple((int(p[0]), int(p[-1])) for p in pairs)
+
 TARGETS: dict[str, Target] = {
     t.name: t
     for t in (
@@ -104,6 +112,21 @@ TARGETS: dict[str, Target] = {
         Target("torch", "torch.export programs (.pt2), validated against torch: compiled with AOTInductor on the "
                "user's device by the torch backend", "sdrt.export.torch_export:export_torch_bundle", "export",
                from_checkpoint=True),
+        Target(
+            "coreml", "Core ML ML Programs for Apple Silicon Macs (macOS 14+), converted from torch: they run on macOS "
+            "only (sdrt[coreml])", "sdrt.export.coreml:export_coreml", "export,coreml-export", from_checkpoint=True,
+            # Names as sdrt.export.coreml_rewrites and coreml_compress define them: this table imports no torch.
+            options=(
+                Option("--attention", "attention", "coreml: split_einsum (default) is the Neural Engine's form and runs "
+                       "on every compute unit; original is fastest on the GPUs of Max and Ultra Macs",
+                       choices=("split_einsum", "original")),
+                Option("--sizes", "sizes", "coreml: image sizes to build besides the model's own, e.g. 512x768,768x512 "
+                       "(N for NxN); a Core ML bundle runs only the sizes it was built for", (), type=image_sizes),
+                Option("--compress", "compression", "coreml: compress the text encoder's and UNet's weights: palette6 "
+                       "(6-bit palettes) or int8; refused below 30 dB image PSNR against fp16 weights",
+                       choices=("palette6", "int8")),
+            ),
+        ),
     )
 }
 

@@ -195,8 +195,11 @@ class GenerationRequest:
             raise RequestError(f"batch size must be from 1 to {manifest.shapes.max_batch}, got {self.batch_size!r}")
         if not all(isinstance(text, str) for text in (*self.prompts(), *self.negative_prompts())):
             raise RequestError("prompt and negative prompt must be strings (or lists of strings)")
-        _check_size(manifest, "width", self.width)
-        _check_size(manifest, "height", self.height)
+        if manifest.shapes.sizes:  # built for fixed sizes (Core ML): those name the choices better than a range
+            _check_exported_size(manifest, self.width, self.height)
+        else:
+            _check_size(manifest, "width", self.width)
+            _check_size(manifest, "height", self.height)
         if not isinstance(self.steps, int) or not 1 <= self.steps <= MAX_STEPS:
             raise RequestError(f"steps must be an integer from 1 to {MAX_STEPS}, got {self.steps!r}")
         if not isinstance(self.guidance_scale, (int, float)) or not math.isfinite(self.guidance_scale) \
@@ -260,6 +263,15 @@ def _check_size(manifest: Manifest, what: str, value: object) -> None:
         raise RequestError(
             f"{what} must be a multiple of {s.multiple_of} from {s.min_size} to {s.max_size}, got {value!r}"
         )
+
+
+def _check_exported_size(manifest: Manifest, width: int, height: int) -> None:
+    """Bundles compiled for fixed sizes (Core ML) run only those."""
+    sizes = manifest.shapes.sizes
+    if (width, height) not in sizes:
+        listed = ", ".join(f"{w}x{h}" for w, h in sizes)
+        raise RequestError(f"size: expected one of the sizes this bundle was exported for ({listed}), got "
+                           f"{width}x{height}; export others with sdrt export --sizes")
 
 
 def scheduler_settings(manifest: Manifest, kind: str) -> dict:
