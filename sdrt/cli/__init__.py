@@ -6,14 +6,14 @@ import logging
 import sys
 
 from sdrt import __version__
-from sdrt.cli import build, generate, info
+from sdrt.cli import build, generate, info, serve
 from sdrt.cli.info import describe
 from sdrt.errors import SdrtError
 
 __all__ = ["main", "build_parser", "describe"]
 
 EXIT_USAGE = 2  # bad input: argparse's own convention, reused for every SdrtError
-COMMANDS = (generate, build, info)  # each adds its subcommands with add_parsers(subparsers, common)
+COMMANDS = (generate, build, info, serve)  # each adds its subcommands with add_parsers(subparsers, common)
 
 
 def _common_options() -> argparse.ArgumentParser:
