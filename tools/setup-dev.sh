@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first, pinned: the CPU build of 2.13.0 is the only one these machines carry; a range pulls CUDA wheels.
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e '.[export,onnxruntime,openvino-int8,test]'
+.venv/bin/python -m pip install -q -e '.[export,onnxruntime,openvino-int8,serve,ray,test]'
 # Only for its CLIP BPE vocabulary (tests build the real tokenizer from it); --no-deps keeps torchvision,
 # which would replace the CPU torch with a CUDA build, out.
 .venv/bin/python -m pip install -q --no-deps open-clip-torch==3.3.0

@@ -105,6 +105,12 @@ class Job:
             return SKIP
         return None
 
+    def apply(self, signals: dict[str, bool]) -> None:
+        """Set the controls another process signalled ("interrupted", "skipped", "abandoned", "want_preview")."""
+        for name in ("interrupted", "skipped", "abandoned", "want_preview"):
+            if signals.get(name):
+                setattr(self, name, True)
+
     def status(self) -> dict:
         """Plain data for GET /sdapi/v1/progress (sdrt.server.a1111.progress)."""
         p = self.progress
@@ -121,6 +127,22 @@ class Job:
         if self.want_preview and self.preview_every > 0 and done - self.preview_step >= self.preview_every:
             self.preview_step, self.want_preview = done, False
             self.preview = encode(preview(progress.state)[0], "PNG", "")
+
+
+def execute(pipe, job: Job, before_step: Callable[[Job], None] | None = None) -> list[Output]:
+    """Run a job on a pipeline through the generation driver to its encoded images (a worker thread's work);
+    `before_step` runs before each step's controls are read (Ray replicas exchange them with the ingress)."""
+    if job.abandoned:
+        raise Abandoned("the client disconnected while the job was queued")
+    job.started = time.time()
+
+    def hook(progress: Progress) -> str | None:
+        if before_step is not None:
+            before_step(job)
+        return job.on_step(progress, pipe.preview)
+
+    return [Output(encode(out.image, job.image_format, out.parameters), out.seed, out.parameters, out.nsfw)
+            for out in run(pipe, job.request, hook)]
 
 
 class Lane:
@@ -152,17 +174,13 @@ class Lane:
             self._pending -= 1
 
     def _run(self, job: Job) -> list[Output]:
-        if job.abandoned:
-            raise Abandoned("the client disconnected while the job was queued")
-        job.started = time.time()
         self.running = job
         try:
-            outputs = [Output(encode(out.image, job.image_format, out.parameters), out.seed, out.parameters, out.nsfw)
-                       for out in run(self.pipe, job.request, lambda p: job.on_step(p, self.pipe.preview))]
+            return execute(self.pipe, job)
         finally:
             self.running = None
-            self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (time.time() - job.started)
-        return outputs
+            if job.started is not None:
+                self._mean_seconds = 0.8 * self._mean_seconds + 0.2 * (time.time() - job.started)
 
     def close(self) -> None:
         """Stop the worker: the running job is abandoned at its next step, queued ones are cancelled."""

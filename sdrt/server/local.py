@@ -18,13 +18,16 @@ async def wait_or_abandon(pending: Awaitable, disconnected: Callable[[], Awaitab
     """The result of `pending`, or Abandoned (after calling `abandon`) once the client has gone away."""
     task = asyncio.ensure_future(pending)
     task.add_done_callback(lambda t: t.cancelled() or t.exception())  # an abandoned job's error is expected
-    while True:
-        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
-        if done:
-            return task.result()
-        if await disconnected():
-            abandon()
-            raise Abandoned("the client disconnected")
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return task.result()
+            if await disconnected():
+                raise Abandoned("the client disconnected")
+    except (Abandoned, asyncio.CancelledError):  # cancelled: the server (or Ray's proxy) dropped the request
+        abandon()
+        raise
 
 
 class LocalService:
