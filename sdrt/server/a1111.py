@@ -28,6 +28,9 @@ from sdrt.server.options import Settings
 
 ORIGINAL = 1  # A1111's inpainting_fill "original": the masked area starts from the image, as sdrt's does
 LATENT_UPSCALE = 3  # A1111's resize_mode "Just resize (latent upscale)"
+# The maxima of A1111's img2img sliders (modules/ui.py): larger values only cost time (a blur's cost grows with
+# its radius), so they are refused rather than run.
+MAX_MASK_BLUR, MAX_PADDING = 64, 256
 
 
 def _off(value) -> bool:
@@ -127,10 +130,14 @@ def _mask_fields(body: Img2ImgRequest, mask: Image.Image) -> dict:
             raise RequestError(f"mask_blur_x, mask_blur_y: sdrt blurs masks evenly, got {body.mask_blur_x} and "
                                f"{body.mask_blur_y}")
         blur = body.mask_blur_x
+    padding = body.inpaint_full_res_padding or 0
+    for name, value, most in (("mask_blur", blur, MAX_MASK_BLUR), ("inpaint_full_res_padding", padding, MAX_PADDING)):
+        if value is not None and value > most:
+            raise RequestError(f"{name}: at most {most} (A1111's slider), got {value}")
     mask = binary_mask(mask)
     return dict(
         mask=ImageOps.invert(mask) if body.inpainting_mask_invert else mask, mask_blur=blur or 0,
-        inpaint_full_res=bool(body.inpaint_full_res), inpaint_full_res_padding=body.inpaint_full_res_padding or 0,
+        inpaint_full_res=bool(body.inpaint_full_res), inpaint_full_res_padding=padding,
     )
 
 
