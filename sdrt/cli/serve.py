@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import signal
+import time
 from pathlib import Path
 
 from sdrt.cli.generate import _add_engine_options, _engine_options
@@ -104,10 +106,7 @@ def _serve(args) -> int:
         log.warning("listening on %s without --api-auth: anyone who can reach it can use it", host)
     catalog = Catalog.from_paths(args.bundle)
     if args.ray:
-        from sdrt.server.ray_serve import Scaling, serve_on_ray
-
-        return serve_on_ray(catalog, args.backend, _engine_options(args), limits(args), credentials, host, args.port,
-                            Scaling.from_args(args), args.address)
+        return _serve_on_ray(args, catalog, credentials, host)
     from sdrt.server.local import LocalService
 
     service = LocalService(catalog, args.queue_size, args.backend, **_engine_options(args))
@@ -116,6 +115,29 @@ def _serve(args) -> int:
     finally:
         service.close()
     return 0
+
+
+def _serve_on_ray(args, catalog, credentials, host: str) -> int:
+    try:
+        from sdrt.server import ray_serve
+    except ImportError as e:
+        from sdrt.errors import BackendError
+
+        raise BackendError(f"sdrt serve --ray needs the ray extra: pip install 'sdrt[ray]' ({e})") from None
+
+    try:
+        ray_serve.connect(args.address)
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # after Ray's own: `kill` acts as Ctrl+C
+        ray_serve.deploy(catalog, args.backend, _engine_options(args), limits(args), credentials, host, args.port,
+                         ray_serve.Scaling.from_args(args))
+        print(f"sdrt: serving AUTOMATIC1111's API through Ray Serve on http://{host}:{args.port}/sdapi/v1/ "
+              "(Ctrl+C to stop)", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        ray_serve.stop()
 
 
 def _run_uvicorn(app, host: str, port: int) -> None:

@@ -4,14 +4,13 @@ whose replicas each hold one pipeline and take one request at a time (max_ongoin
 Retry-After); a request is routed to the deployment of the bundle it asks for. /progress, /interrupt and /skip
 reach the replicas through one small actor (Controls) that replicas report to before every step.
 
-    sdrt serve -b sd15 --ray --replicas 2                      # a local Ray; or --address auto on a cluster
+    sdrt serve -b sd15 --ray --replicas 2                      # a local Ray; --address auto: a cluster
     serve run sdrt.server.ray_serve:build bundles=sd15,sd15-inpainting replicas=2   # Ray's own CLI
 """
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import uuid
 from dataclasses import dataclass
 
@@ -21,6 +20,7 @@ from ray.serve.exceptions import BackPressureError
 
 from sdrt.runtime.pipeline import Pipeline
 from sdrt.server.app import create_app
+from sdrt.server.auth import parse_credentials
 from sdrt.server.catalog import BundleInfo, Catalog
 from sdrt.server.jobs import Job, Limits, Output, QueueFull, execute
 from sdrt.server.local import wait_or_abandon
@@ -174,30 +174,34 @@ def application(catalog: Catalog, backend: str | None, engine_options: dict, lim
 
 
 def build(args: dict):
-    """`serve run sdrt.server.ray_serve:build bundles=A,B replicas=2 queue_size=4 backend=onnxruntime`."""
+    """`serve run sdrt.server.ray_serve:build bundles=A,B replicas=2 queue_size=4 api_auth=user:pass` (Ray's CLI;
+    also max_replicas, min_replicas, target_ongoing_requests, replica_cpus, backend, threads)."""
     paths = [p for p in str(args.get("bundles", "")).split(",") if p]
     scaling = Scaling(replicas=int(args.get("replicas", 1)), min_replicas=int(args.get("min_replicas", 1)),
                       max_replicas=int(args["max_replicas"]) if "max_replicas" in args else None,
                       target_ongoing_requests=float(args.get("target_ongoing_requests", 1.0)),
                       replica_cpus=float(args.get("replica_cpus", 1.0)))
     limits = Limits(queue_size=int(args.get("queue_size", Limits.queue_size)))
-    return application(Catalog.from_paths(paths or None), args.get("backend"), {}, limits, None, scaling)
+    credentials = parse_credentials(args["api_auth"]) if args.get("api_auth") else None
+    engine = {"threads": int(args["threads"])} if "threads" in args else {}
+    return application(Catalog.from_paths(paths or None), args.get("backend"), engine, limits, credentials, scaling)
 
 
-def serve_on_ray(catalog: Catalog, backend: str | None, engine_options: dict, limits: Limits,
-                 credentials: dict | None, host: str, port: int, scaling: Scaling, address: str | None) -> int:
-    """`sdrt serve --ray`: join (or start) Ray, run the application behind Ray's HTTP proxy until Ctrl+C."""
+def connect(address: str | None) -> None:
+    """Join the Ray cluster at `address` ("auto": the one `ray start` began here), or start a local Ray (None)."""
     ray.init(address=address, log_to_driver=False)
-    try:
-        serve.start(http_options={"host": host, "port": port})
-        serve.run(application(catalog, backend, engine_options, limits, credentials, scaling), name=APP_NAME,
-                  route_prefix="/")
-        print(f"sdrt: serving AUTOMATIC1111's API through Ray Serve on http://{host}:{port}/sdapi/v1/ "
-              "(Ctrl+C to stop)", flush=True)
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        return 0
-    finally:
+
+
+def deploy(catalog: Catalog, backend: str | None, engine_options: dict, limits: Limits, credentials: dict | None,
+           host: str, port: int, scaling: Scaling) -> None:
+    """Run the application behind Ray's HTTP proxy on host:port; returns once every replica is up."""
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(application(catalog, backend, engine_options, limits, credentials, scaling), name=APP_NAME,
+              route_prefix="/")
+
+
+def stop() -> None:
+    """Remove the application and leave Ray (a local Ray that `start` began stops with it)."""
+    if ray.is_initialized():
         serve.delete(APP_NAME)
         ray.shutdown()
