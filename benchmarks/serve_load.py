@@ -135,7 +135,8 @@ def measure(url: str, args, clients: int) -> dict:
 def table(record: dict) -> str:
     lines = [f"{record['model']}, {record['size']}x{record['size']}, {record['steps']} steps {record['sampler']}, "
              f"load average {record['machine']['load_average_1min']:.1f} on {record['machine']['cores']} cores", "",
-             "| clients | requests | failed | requests/min | p50 latency s | p95 latency s |", "|---|---|---|---|---|---|"]
+             "| clients | requests | failed | requests/min | p50 latency s | p95 latency s |",
+             "|---|---|---|---|---|---|"]
     for r in record["runs"]:
         lines.append(f"| {r['clients']} | {r['requests']} | {r['failed']} | {r['requests_per_minute']:.1f} "
                      f"| {r['p50_s']:.2f} | {r['p95_s']:.2f} |")

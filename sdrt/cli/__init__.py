@@ -14,6 +14,7 @@ __all__ = ["main", "build_parser", "describe"]
 
 EXIT_USAGE = 2  # bad input: argparse's own convention, reused for every SdrtError
 COMMANDS = (generate, build, info, serve)  # each adds its subcommands with add_parsers(subparsers, common)
+CHATTY = ("export", "convert", "serve")  # long-running commands that log what they do at INFO
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     verbose = getattr(args, "verbose", False)
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO if args.command in ("export", "convert") else logging.WARNING,
+        level=logging.DEBUG if verbose else logging.INFO if args.command in CHATTY else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
     try:

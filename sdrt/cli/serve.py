@@ -111,7 +111,7 @@ def _serve(args) -> int:
 
     service = LocalService(catalog, args.queue_size, args.backend, **_engine_options(args))
     try:
-        _run_uvicorn(create_app(service, limits(args), credentials), host, args.port)
+        _run_uvicorn(create_app(service, limits(args), credentials), host, args.port, getattr(args, "verbose", False))
     finally:
         service.close()
     return 0
@@ -140,8 +140,8 @@ def _serve_on_ray(args, catalog, credentials, host: str) -> int:
         ray_serve.stop()
 
 
-def _run_uvicorn(app, host: str, port: int) -> None:
+def _run_uvicorn(app, host: str, port: int, verbose: bool) -> None:
     import uvicorn
 
     print(f"sdrt: serving AUTOMATIC1111's API on http://{host}:{port}/sdapi/v1/ (Ctrl+C to stop)", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=host, port=port, log_level="info" if verbose else "warning", timeout_graceful_shutdown=5)

@@ -24,7 +24,8 @@ def decode_base64(data: str, what: str) -> bytes:
     """The bytes of a base64 string or data URL; A1111 fetches http(s) URLs, sdrt refuses them (no outbound
     requests from a server that strangers can reach)."""
     if not isinstance(data, str) or not data.strip():
-        raise RequestError(f"{what}: expected a base64-encoded image, got {'nothing' if not data else type(data).__name__}")
+        got = "nothing" if not data else type(data).__name__
+        raise RequestError(f"{what}: expected a base64-encoded image, got {got}")
     if data.startswith(("http://", "https://")):
         raise RequestError(f"{what}: image URLs are not fetched by sdrt; send the image as base64")
     text = DATA_URL.sub("", data.strip(), count=1)
