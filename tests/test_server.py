@@ -21,6 +21,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
 from serving import all_at_once, b64_png, decode, running  # noqa: E402
