@@ -30,6 +30,7 @@ from few_step import full_size_bundle, machine  # the same SD 1.5 export and mac
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+LOGS = HERE / ".cache" / "logs"  # git-ignored
 ROOT = HERE.parent
 PROMPT = "a red circle on a blue background"
 START_TIMEOUT_S = 600  # a full-size bundle is verified (sha256 of 4 GB) and loaded before the port opens
@@ -63,7 +64,7 @@ def main() -> int:
 
 
 class Server:
-    """`python -m sdrt serve` on a free loopback port, stopped on exit; its log goes to a file beside the JSON."""
+    """`python -m sdrt serve` on a free loopback port, stopped on exit; its log: benchmarks/.cache/logs/."""
 
     def __init__(self, bundle: Path | None, queue: int, backend: str | None):
         with socket.socket() as s:
@@ -73,8 +74,8 @@ class Server:
                      *(["-b", str(bundle)] if bundle else []), *(["--backend", backend] if backend else [])]
 
     def __enter__(self) -> str:
-        RESULTS.mkdir(parents=True, exist_ok=True)
-        self.log = open(RESULTS / "serve-load.log", "w")
+        LOGS.mkdir(parents=True, exist_ok=True)
+        self.log = open(LOGS / "serve-load.log", "w")
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
         self.proc = subprocess.Popen(self.argv, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         url = f"http://127.0.0.1:{self.port}"
