@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first, pinned: the CPU build of 2.13.0 is the only one these machines carry; a range pulls CUDA wheels.
 .venv/bin/python -m pip install -q torch==2.13.0
-.venv/bin/python -m pip install -q -e '.[export,onnxruntime,openvino-int8,coreml-export,test]'
+.venv/bin/python -m pip install -q -e '.[export,onnxruntime,openvino-int8,coreml-export,serve,ray,test]'
 # TensorRT for RTX and cuda-python: the builder, ONNX parser, profiles and refit flags run without a GPU, which is
 # what tests/test_tensorrt.py checks (engine builds need the NVIDIA driver: the -m gpu tier).
 .venv/bin/python -m pip install -q -e '.[tensorrt-rtx]'

@@ -8,14 +8,15 @@ import sys
 import threading
 
 from sdrt import __version__
-from sdrt.cli import build, generate, info
+from sdrt.cli import build, generate, info, serve
 from sdrt.cli.info import describe
 from sdrt.errors import SdrtError, printable
 
 __all__ = ["main", "build_parser", "describe"]
 
 EXIT_USAGE = 2  # bad input: argparse's own convention, reused for every SdrtError
-COMMANDS = (generate, build, info)  # each adds its subcommands with add_parsers(subparsers, common)
+COMMANDS = (generate, build, info, serve)  # each adds its subcommands with add_parsers(subparsers, common)
+CHATTY = ("export", "convert", "serve")  # long-running commands that log what they do at INFO
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     verbose = getattr(args, "verbose", False)
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO if args.command in ("export", "convert") else logging.WARNING,
+        level=logging.DEBUG if verbose else logging.INFO if args.command in CHATTY else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
     main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
