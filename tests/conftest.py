@@ -122,6 +122,7 @@ def tiny_sd1_openvino_bundle(tiny_sd1_bundle, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("ov") / "tiny-ov"
     convert_bundle(tiny_sd1_bundle, out)
+    return out
 
 
 # The shipped model's diffusers folder (the source sdrt/models/sdrt-shapes was exported from).
@@ -187,8 +188,10 @@ def tiny_torch_bundle(tiny_sd1_dir, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("bundles") / "tiny-sd1-torch"
     assert main(["export", str(tiny_sd1_dir), "-o", str(out), "--target", "torch"]) == 0
+    return out
 
 
+@pytest.fixture(scope="session")
 def coreml_tiny_bundle(tiny_sd1_safety_dir, tmp_path_factory):
     """The tiny SD1 folder with its safety checker as a Core ML bundle: original attention, int8 weights (slow tier:
     the default tier converts its cheap components one by one)."""

@@ -410,7 +410,7 @@ def test_cli_errors(ov_bundle, tiny_sd1_bundle, tmp_path, capsys):
     assert "onnxruntime cannot run text_encoder stored as 'openvino'" in capsys.readouterr().err
     assert main(["generate", "x", "-b", str(tiny_sd1_bundle), "-o", png, "--backend", "onnxruntime",
                  "--precision", "bf16", "-q"]) == 2
-    assert "backend 'onnxruntime' has no option precision" in capsys.readouterr().err
+    assert "onnxruntime: unknown precision 'bf16'; choose one of: auto, f16, f32" in capsys.readouterr().err
     assert main(["export", str(tiny_sd1_bundle), "-o", str(tmp_path / "x"), "--weights", "int8"]) == 2
     assert "--weights applies to --target openvino, not onnx" in capsys.readouterr().err
     assert main(["convert", str(tiny_sd1_bundle), "-o", str(tmp_path / "x"), "--quantize-unet"]) == 2

@@ -5,15 +5,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from sdrt.runtime.resize import RESIZE_MODES
+
 EXAMPLES = """examples:
   sdrt generate "a red circle on a blue background" -o out.png        # the model shipped with sdrt
-  sdrt generate "a photo of an astronaut" -b sd15 --sampler "Euler a" --schedule Karras --steps 25 --seed -1
-  sdrt generate "a stone castle" -b sd15 --init-image photo.png --strength 0.6 --n-iter 4 -o castle.png
+  sdrt generate "a stone castle" -b sd15 --init-image photo.png --sampler "Euler a" --schedule Karras --seed -1 --n-iter 4
   sdrt generate "a lighthouse at dusk" -b sd15-trt --backend tensorrt -o lighthouse.png   # NVIDIA GPU
 """
-
-
-from sdrt.runtime.resize import RESIZE_MODES
 
 
 def add_parsers(sub, common: argparse.ArgumentParser) -> None:
