@@ -222,9 +222,9 @@ def test_tensorrt_parses_profiles_and_refit_flags(trt, converted, component, pre
 def test_profiles_outside_the_network_are_refused(trt):
     comp = read_manifest(default_bundle()).components["text_encoder"]
     network = parse(trt, default_bundle() / comp.file)
-    good = static_profile(comp.contract, {"input_ids": (2, 77)})
+    good = static_profile(comp.contract, {"inputs_embeds": (2, 77, 32)})
     assert builder_config(network, [good], refit=True).get_flag(trt.module.BuilderFlag.REFIT)
-    inverted = dataclasses.replace(good, shapes={"input_ids": ((4, 77), (2, 77), (1, 77))})
+    inverted = dataclasses.replace(good, shapes={"inputs_embeds": ((4, 77, 32), (2, 77, 32), (1, 77, 32))})
     with pytest.raises(BackendError, match="refuses the static profile"):
         builder_config(network, [inverted], refit=True)
 
@@ -266,7 +266,7 @@ def test_dynamic_profile_arithmetic():
     assert unet["timestep"] == ((1,), (2,), (16,))
     assert unet["encoder_hidden_states"] == ((1, 77, 32), (2, 77, 32), (16, 308, 32))  # 4 chunks of 77
     text = dynamic_profile(comps["text_encoder"].contract, _model(), bounds, 77).shapes
-    assert text["input_ids"] == ((1, 77), (2, 77), (64, 77))  # 16 prompts x 4 chunks in one call
+    assert text["inputs_embeds"] == ((1, 77, 32), (2, 77, 32), (64, 77, 32))  # 16 prompts x 4 chunks in one call
     vae = dynamic_profile(comps["vae_decoder"].contract, _model(), bounds, 77).shapes
     assert vae["latents"] == ((1, 4, 32, 32), (1, 4, 64, 64), (1, 4, 128, 128))  # one image per call
     encoder = dynamic_profile(comps["vae_encoder"].contract, _model(), bounds, 77).shapes

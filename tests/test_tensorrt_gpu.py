@@ -71,7 +71,7 @@ def _relative(expected: np.ndarray, got: np.ndarray) -> float:
 
 def _feeds(name: str, rng: np.random.Generator) -> dict[str, np.ndarray]:
     if name == "text_encoder":
-        return {"input_ids": rng.integers(0, 49408, (2, 77)).astype(np.int32)}
+        return {"inputs_embeds": rng.standard_normal((2, 77, 32)).astype(np.float32)}  # token embeddings
     if name == "unet":
         return {"sample": rng.standard_normal((2, 4, 8, 8)).astype(np.float32),
                 "timestep": np.array([981.5, 981.5], np.float32),
