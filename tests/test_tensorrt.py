@@ -413,3 +413,23 @@ def test_export_target_tensorrt_from_a_checkpoint(tiny_sd1_dir, tmp_path, capsys
     manifest = read_manifest(out)
     for name in ("text_encoder", "unet"):
         assert manifest.components[name].variants["fp16"].validation["relative_error"] <= FP16_RELATIVE_TOL
+
+
+def test_lora_changes_reach_the_fp16_variant_by_the_same_names(tiny_sd1_bundle, tiny_loras, tmp_path):
+    """Refit reads a LoRA's changes from the file the engine was built from: the fp16 variant keeps the fp32
+    graph's initializer names, so the weights map finds them there, stored fp16 and within fp16's rounding."""
+    from sdrt.backends.tensorrt import read_weight_changes
+    from sdrt.export.tensorrt import convert_bundle
+    from sdrt.runtime.lora import Adapters, LoraSpec
+
+    out = tmp_path / "tiny-trt"
+    convert_bundle(tiny_sd1_bundle, out)
+    for component, strength in (("unet", 0.7), ("text_encoder", 0.5)):
+        comp = read_manifest(out).components[component]
+        deltas = Adapters().deltas((LoraSpec(tiny_loras["kohya"], "kohya", strength, strength),), component)
+        fp32 = read_weight_changes(out, comp, comp.file, deltas)
+        fp16 = read_weight_changes(out, comp, comp.variants["fp16"].file, deltas)
+        assert fp32.keys() == fp16.keys() and len(fp32) == len(deltas.deltas) >= 4
+        for name, value in fp32.items():
+            assert fp16[name].dtype == np.float16
+            np.testing.assert_allclose(fp16[name], value, rtol=2e-3, atol=2e-3)  # fp16 rounding of weight + change

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable
 
@@ -197,10 +196,6 @@ def write_tokenizer(model: SourceModel, root: Path, text_encoder: Component) -> 
 
 def tool_versions() -> dict[str, str]:
     """Versions of the libraries that produced the bundle."""
-    versions = {"sdrt": sdrt.__version__}
-    for name in TOOLS:
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = "unknown"
-    return versions
+    from sdrt.export.convert import tool_versions as with_versions
+
+    return with_versions({"sdrt": sdrt.__version__}, TOOLS)

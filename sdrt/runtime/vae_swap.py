@@ -11,9 +11,9 @@ from pathlib import Path
 
 from sdrt.bundle import Component, Manifest, read_manifest, verify_files
 from sdrt.errors import BundleError
+from sdrt.manifest_schema import VAE_FAMILY  # ModelInfo.family of a VAE-only bundle
 
 VAE_COMPONENTS = ("vae_decoder", "vae_encoder")
-VAE_FAMILY = "vae"  # ModelInfo.family of a VAE-only bundle
 VAE_HASH_DIGITS = 10  # A1111 sd_vae.get_loaded_vae_hash
 
 
