@@ -49,6 +49,17 @@ def test_cache_home_follows_the_environment(monkeypatch, tmp_path):
     assert cache_home() == tmp_path / "elsewhere"
 
 
+def test_cache_home_follows_the_os_convention_on_macos(monkeypatch, tmp_path):
+    """Off Linux the folder is the OS's own (platformdirs): ~/Library/Caches/sdrt on macOS."""
+    import platformdirs
+    from platformdirs.macos import MacOS
+
+    monkeypatch.delenv("SDRT_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(platformdirs, "PlatformDirs", MacOS)  # platformdirs picks its class for the OS at import
+    assert cache_home() == tmp_path / "Library" / "Caches" / "sdrt"
+
+
 def test_unchanged_files_are_hashed_once(counted, bundle):
     manifest = read_manifest(bundle)
     verify_files(bundle, manifest)
