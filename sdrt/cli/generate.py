@@ -57,7 +57,7 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--no-watermark", dest="watermark", action="store_false",
                    help="do not embed the SD scripts' invisible watermark (on by default, images >= 256x256)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress")
-    _add_engine_options(p)
+    add_engine_options(p)
     _add_img2img_options(p)
     _add_prompt_options(p)
     _add_lora_options(p)
@@ -72,7 +72,7 @@ def _positive(text: str) -> int:
     return value
 
 
-def _add_engine_options(p) -> None:
+def add_engine_options(p) -> None:
     g = p.add_argument_group("engine")
     g.add_argument("--backend", help="engine (default: the first installed that runs the bundle)")
     g.add_argument("--device", help="engine device, e.g. cpu (default) or cuda (torch: cuda when it sees a GPU)")
@@ -164,7 +164,7 @@ def _request(args, prompt: str):
     )
 
 
-def _engine_options(args) -> dict:
+def engine_options(args) -> dict:
     given = {"device": args.device, "precision": args.precision, "hint": args.hint, "cache": args.cache,
              "threads": args.threads, "shapes": args.shapes, "compute_units": args.compute_units}
     return {k: v for k, v in given.items() if v is not None}
@@ -207,7 +207,7 @@ def _generate(args) -> int:
     requests = [_request(args, prompt) for prompt in prompts]
     outputs = Outputs(args, len(prompts) * max(args.batch_size, 1) * max(args.n_iter, 1))
     with Pipeline.load(args.bundle, backend=args.backend, embeddings_dir=args.embeddings_dir, vae=args.vae,
-                       **_engine_options(args)) as pipe:
+                       **engine_options(args)) as pipe:
         for request in requests:
             req = request.resolve(pipe.manifest)
             progress = StepProgress(pipe, req, args, outputs.preview)

@@ -8,7 +8,7 @@ import signal
 import time
 from pathlib import Path
 
-from sdrt.cli.generate import _add_engine_options, _engine_options
+from sdrt.cli.generate import add_engine_options, engine_options
 
 EXAMPLES = """examples:
   sdrt serve                                        # the shipped model on http://127.0.0.1:7861/sdapi/v1/...
@@ -30,7 +30,7 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=7861, help="default 7861 (A1111's API-only port)")
     p.add_argument("--api-auth", metavar="USER:PASS[,USER:PASS]", help="HTTP Basic auth on every route")
     _add_limit_options(p)
-    _add_engine_options(p)
+    add_engine_options(p)
     _add_ray_options(p)
     p.set_defaults(run=_serve)
 
@@ -109,7 +109,7 @@ def _serve(args) -> int:
         return _serve_on_ray(args, catalog, credentials, host)
     from sdrt.server.local import LocalService
 
-    service = LocalService(catalog, args.queue_size, args.backend, **_engine_options(args))
+    service = LocalService(catalog, args.queue_size, args.backend, **engine_options(args))
     try:
         _run_uvicorn(create_app(service, limits(args), credentials), host, args.port, getattr(args, "verbose", False))
     finally:
@@ -128,7 +128,7 @@ def _serve_on_ray(args, catalog, credentials, host: str) -> int:
     try:
         ray_serve.connect(args.address)
         signal.signal(signal.SIGTERM, signal.default_int_handler)  # after Ray's own: `kill` acts as Ctrl+C
-        ray_serve.deploy(catalog, args.backend, _engine_options(args), limits(args), credentials, host, args.port,
+        ray_serve.deploy(catalog, args.backend, engine_options(args), limits(args), credentials, host, args.port,
                          ray_serve.Scaling.from_args(args))
         print(f"sdrt: serving AUTOMATIC1111's API through Ray Serve on http://{host}:{args.port}/sdapi/v1/ "
               "(Ctrl+C to stop)", flush=True)
