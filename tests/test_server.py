@@ -191,14 +191,15 @@ def test_progress_and_interrupt(url):
 
 
 def test_skip_moves_on_to_the_next_image(url, service):
-    thread, result = in_background(txt2img, url, steps=20, seed=7, n_iter=2)
+    # LONG_STEPS, not fewer: on a loaded machine a short first image can finish before the skip arrives
+    thread, result = in_background(txt2img, url, steps=LONG_STEPS, seed=7, n_iter=2)
     wait_for_step(url, 2)
     assert httpx.post(f"{url}/sdapi/v1/skip", timeout=TIMEOUT).status_code == 200
     thread.join(TIMEOUT)
     body = result["response"].json()
     assert json.loads(body["info"])["all_seeds"] == [7, 8] and len(body["images"]) == 2
     pipe = service.lanes[service.catalog.bundles[0].title].pipe
-    full = next(run(pipe, GenerationRequest(PROMPT, seed=7, steps=20, sampler="Euler", width=64, height=64,
+    full = next(run(pipe, GenerationRequest(PROMPT, seed=7, steps=LONG_STEPS, sampler="Euler", width=64, height=64,
                                             guidance_scale=7))).image
     assert not np.array_equal(np.asarray(decode(body["images"][0])), np.asarray(full))  # cut short, then decoded
 
