@@ -189,15 +189,17 @@ def _unet_feeds(seed: int) -> dict[str, np.ndarray]:
 
 @pytest.mark.parametrize("quantize", [False, True], ids=["int8-weights", "int8-quantized"])
 def test_int8_unets_keep_int8_and_follow_the_lora(tiny_sd1_bundle, tiny_loras, tmp_path, quantize, record_property):
-    """int8 IR (weights only, or NNCF-quantized with SmoothQuant on the feed-forward input): the change is quantized
-    again per channel as NNCF does; the UNet with the LoRA is as close to fp32's with the LoRA as it is without."""
+    """int8 IR (weights only, or NNCF-quantized with SmoothQuant on the feed-forward input, as bundles converted
+    before SmoothQuant was turned off have it): the change is quantized again per channel as NNCF does; the UNet with
+    the LoRA is as close to fp32's with the LoRA as it is without."""
     from sdrt.backends.openvino import OpenVinoBackend
     from sdrt.export.openvino import QUANTIZATION_SCHEMES, convert_component
     from sdrt.runtime.lora import given_lora
 
     fp32 = read_manifest(tiny_sd1_bundle).components["unet"]
     calibration = [_unet_feeds(seed) for seed in range(8)] if quantize else None
-    int8 = convert_component(tiny_sd1_bundle, fp32, tmp_path, "int8", calibration, QUANTIZATION_SCHEMES[0])
+    scheme = replace(QUANTIZATION_SCHEMES[0], smooth_quant=True)
+    int8 = convert_component(tiny_sd1_bundle, fp32, tmp_path, "int8", calibration, scheme)
     deltas = Adapters().deltas((given_lora((tiny_loras["kohya"], STRENGTH)),), "unet")
     feeds, out = _unet_feeds(100), {}
     for name, root, component in (("fp32", tiny_sd1_bundle, fp32), ("int8", tmp_path, int8)):
@@ -211,6 +213,12 @@ def test_int8_unets_keep_int8_and_follow_the_lora(tiny_sd1_bundle, tiny_loras, t
     record_property("int8_lora_gap", lora_gap)
     print(f"{int8.precision}: {base_gap:.3f} without LoRA, {lora_gap:.3f} with")
     assert int8.precision.startswith("int8")
+    if quantize:  # the smoothed path is the one exercised
+        import openvino as ov
+
+        from sdrt.backends.openvino_weights import SMOOTH_QUANT
+        names = [op.get_friendly_name() for op in ov.Core().read_model(str(tmp_path / int8.file)).get_ops()]
+        assert any(name.endswith(SMOOTH_QUANT) for name in names)
     assert lora_gap <= 2 * base_gap + INT8_SLACK
     assert np.abs(out["int8+lora"] - out["int8"]).max() > 10 * lora_gap  # the LoRA is applied, not lost
 

@@ -36,10 +36,18 @@ UNQUANTIZED_TYPES = ["ScaledDotProductAttention", "Interpolate", "Add", "Multipl
 @dataclass(frozen=True)
 class QuantizationScheme:
     """Which UNet layers take int8 activations (and int8 weights with per-channel scales) under --quantize-unet:
-    the convolutions reading a SiLU always, and the MatMuls whose names match `matmuls` (a regex)."""
+    the convolutions reading a SiLU always, and the MatMuls whose names match `matmuls` (a regex).
+
+    `smooth_quant`: NNCF's SmoothQuant on those MatMuls (its default for transformers). It rescales a weight per
+    input channel and divides the input by the same factors, so the IR's weight is W / s: LoRA deltas still apply
+    (the backend reads and writes through s), but int8's rounding error is multiplied by s on the way back and the
+    weight no longer matches the ONNX weight within one int8 step, which the weights map's check requires (on
+    full-size SD 1.5 the check failed with it). Off in the schemes sdrt uses; bundles converted before have it.
+    """
 
     name: str
     matmuls: str | None = None
+    smooth_quant: bool = False
 
 
 # Tried in order until the gate image passes (each try costs one UNet quantization and one gate image). The
@@ -202,7 +210,11 @@ def quantize_int8(model, calibration: list[dict], scheme: QuantizationScheme):
         model, nncf.Dataset(calibration), model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration),
         preset=nncf.QuantizationPreset.MIXED, fast_bias_correction=True,
         ignored_scope=nncf.IgnoredScope(names=others, types=UNQUANTIZED_TYPES, validate=False),
-        advanced_parameters=nncf.AdvancedQuantizationParameters(overflow_fix=nncf.OverflowFix.DISABLE),
+        advanced_parameters=nncf.AdvancedQuantizationParameters(
+            overflow_fix=nncf.OverflowFix.DISABLE,
+            # alpha -1 turns SmoothQuant off; NNCF's own default alpha otherwise
+            smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(**({} if scheme.smooth_quant else {"matmul": -1})),
+        ),
     )
 
 
