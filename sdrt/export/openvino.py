@@ -54,7 +54,8 @@ class QuantizationScheme:
 # feed-forward input projection (GEGLU, 8 C^2 of a transformer block's 18 C^2 linear MACs per token) is the one
 # linear layer that takes int8 well: on the shipped model, over 16 held-out images (benchmarks/quant_quality.py),
 # int8 on SiLU->conv gives a mean 31.8 dB against fp32, adding ff/net.0 30.6 dB, adding both feed-forward layers
-# 24.9 dB (for scale: computing the fp32 model in bf16 gives 37.1). ff/net.0 saves 2-3 % of a 512x512 step.
+# 24.9 dB (for scale: computing the fp32 model in bf16 gives 37.1; all measured with SmoothQuant on, not yet again
+# without it). ff/net.0 saves 2-3 % of a 512x512 step.
 QUANTIZATION_SCHEMES = (
     QuantizationScheme("SiLU->convolution and feed-forward projection inputs", r"/ff/net\.0/proj/MatMul$"),
     QuantizationScheme("SiLU->convolution inputs"),
