@@ -6,6 +6,7 @@ import logging
 import signal
 import sys
 import threading
+from dataclasses import dataclass
 
 from sdrt import __version__
 from sdrt.cli import build, generate, info, serve
@@ -45,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live in the main thread
-    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
+    stop = _Stop()
+    previous = {signum: signal.signal(signum, stop.handle) for signum in STOP_SIGNALS} if main_thread else {}
     try:
         return args.run(args)
     except SdrtError as e:
@@ -57,12 +59,30 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sdrt: interrupted", file=sys.stderr)
         return 130
+    except Exception:
+        if stop.signum is None:
+            raise
+        # The signal's exception was raised inside a native library's Python callback (OpenVINO's converter calls
+        # its telemetry), which turned it into its own error; the stack has unwound all the same.
+        print("sdrt: interrupted", file=sys.stderr)
+        return 128 + stop.signum
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
-def _terminate(signum, frame) -> None:
-    # SIGTERM (a service manager, `kill`) unwinds like Ctrl-C does: `with` blocks remove staging folders and
-    # temporary files on the way out.
-    raise SystemExit(128 + signum)
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@dataclass
+class _Stop:
+    """The stop signal received, if any. SIGTERM (a service manager, `kill`) unwinds like Ctrl-C does: `with`
+    blocks remove staging folders and temporary files on the way out."""
+
+    signum: int | None = None
+
+    def handle(self, signum, frame) -> None:
+        self.signum = signum
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        raise SystemExit(128 + signum)
